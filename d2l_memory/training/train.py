@@ -1,0 +1,297 @@
+"""Meta-training recipe: a plain loop you read top to bottom (no trainer framework).
+
+    python -m d2l_memory.training.train --config runs/<name>/train.json          # one process
+    torchrun --nproc_per_node 2 -m d2l_memory.training.train --config ...       # data-parallel (DDP)
+
+Each step: sample examples -> cut each context into 1 (stage 1) or 1..max_chunks (stage 2) chunks ->
+hypernetwork factors per chunk (frozen encoder) -> concatenate per example along the rank + bias slot
+-> student loss against the cached teacher top-k -> AdamW (warmup + cosine), gradient accumulation.
+Every `checkpoint_minutes` the run saves hypernetwork, optimizer, scheduler, RNG states and data
+position as safetensors + JSON (no pickle), and `--config` of an existing run resumes it exactly.
+The held-out *document-usage gap* (loss with a shuffled document's LoRA minus loss with the matching
+one) is logged with every evaluation: while it is ~0 the hypernetwork learns a prior, not memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, Field
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from d2l_memory.chunking import chunk_document
+from d2l_memory.d2l import DocToLoRA
+from d2l_memory.hypernet import HypernetConfig
+from d2l_memory.models import load_model
+from d2l_memory.training.objective import l1_penalty, per_example_loss, student_batch
+from d2l_memory.training.teacher import ShardSet
+
+
+class TrainConfig(BaseModel):
+    """A training run, saved as `train.json` in its directory (configs are data)."""
+
+    data: Path = Path("runs/data")
+    eval_data: Path = Path("runs/eval-data")
+    out: Path = Path("runs/d2l")
+    hypernet: HypernetConfig = Field(default_factory=HypernetConfig)
+    lr: float = 5e-4
+    scaler_lr: float = 5e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    total_steps: int = 4000
+    batch_size: int = 8
+    grad_accum: int = 1
+    l1: float = 0.1
+    stage2_step: int = 2000
+    max_chunks: int = 8
+    min_chunk_tokens: int = 25
+    gold_ce: bool = False
+    eval_every: int = 50
+    eval_examples: int = 32
+    checkpoint_minutes: float = 5.0
+    threads: int = 1
+    seed: int = 0
+
+
+def contexts_for(examples: list[dict], rng: random.Random, pool: list[dict]) -> list[str]:
+    """Each example's context; control questions borrow an unrelated document from `pool`."""
+    return [ex["context"] if not ex["control"] else rng.choice(pool)["context"] for ex in examples]
+
+
+def batch_factors(d2l: DocToLoRA, contexts: list[str], n_chunks: list[int]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Per-row factors `{module: (A [B, R, d_in], B [B, d_out, R])}` for `contexts`, with gradients.
+
+    Example i is cut into `n_chunks[i]` equal chunks (fewer if the text is too short); its chunk
+    slots are concatenated along the rank, zero-padded to the batch's widest, then the bias slot.
+    """
+    tok, c = d2l.base.tokenizer, d2l.config
+    per_example = []
+    for text, k in zip(contexts, n_chunks, strict=True):
+        n_tokens = len(tok(text, add_special_tokens=False)["input_ids"])
+        size = max(1, min(c.chunk_tokens, math.ceil(n_tokens / k)))
+        per_example.append(chunk_document(tok, text, size, d2l.max_positions))
+    flat = [chunk for chunks in per_example for chunk in chunks]
+    a, b = d2l.chunk_factors(flat)  # [K_total, L, r, d_in], [K_total, L, d_out, r]
+    width = max(len(chunks) for chunks in per_example) * c.rank
+    bias = d2l.hypernet.bias()
+    factors, offset = {}, 0
+    a_rows, b_cols = [], []
+    for chunks in per_example:
+        k = len(chunks)
+        a_i = a[offset : offset + k].permute(1, 0, 2, 3).reshape(len(c.layers), k * c.rank, c.d_in)
+        b_i = b[offset : offset + k].permute(1, 2, 0, 3).reshape(len(c.layers), c.d_out, k * c.rank)
+        pad = width - k * c.rank
+        a_rows.append(torch.nn.functional.pad(a_i, (0, 0, 0, pad)))
+        b_cols.append(torch.nn.functional.pad(b_i, (0, pad)))
+        offset += k
+    a_all, b_all = torch.stack(a_rows), torch.stack(b_cols)  # [B, L, R, d_in], [B, L, d_out, R]
+    if bias is not None:
+        a_all = torch.cat([a_all, bias[0].expand(len(contexts), -1, -1, -1)], dim=2)
+        b_all = torch.cat([b_all, bias[1].expand(len(contexts), -1, -1, -1)], dim=3)
+    for j, name in enumerate(c.module_names()):
+        factors[name] = (a_all[:, j], b_all[:, j])
+    return factors, a, b
+
+
+def lr_lambda(config: TrainConfig):
+    def f(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.total_steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def make_optimizer(d2l: DocToLoRA, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no decay on scalers, norms, biases and latents; scalers at their own (higher) rate."""
+    decay, no_decay, scalers = [], [], []
+    for name, p in d2l.hypernet.named_parameters():
+        if name.startswith("scaler_") or name == "value_gain":
+            scalers.append(p)
+        elif p.dim() < 2 or "norm" in name or name in ("latents", "slot_queries", "layer_embed"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return torch.optim.AdamW([
+        {"params": decay, "weight_decay": config.weight_decay, "lr": config.lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": config.lr},
+        {"params": scalers, "weight_decay": 0.0, "lr": config.scaler_lr},
+    ])
+
+
+def save_checkpoint(directory: Path, d2l: DocToLoRA, opt: torch.optim.Optimizer,
+                    sched: torch.optim.lr_scheduler.LambdaLR, state: dict) -> None:
+    """Atomically write everything needed to resume exactly."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    d2l.save(tmp, dtype=torch.float32)
+    opt_state = opt.state_dict()
+    tensors = {}
+    for pid, slots in opt_state["state"].items():
+        for key, value in slots.items():
+            tensors[f"{pid}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["torch_rng"] = torch.get_rng_state()
+    save_file(tensors, tmp / "optimizer.safetensors")
+    meta = {"param_groups": opt_state["param_groups"], "scheduler": sched.state_dict(),
+            "python_rng": list(map(lambda x: list(x) if isinstance(x, tuple) else x, random.getstate())),
+            **state}
+    (tmp / "train_state.json").write_text(json.dumps(meta, default=str))
+    if directory.exists():
+        old = directory.with_name(directory.name + ".old")
+        directory.rename(old)
+        tmp.rename(directory)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        tmp.rename(directory)
+
+
+def load_checkpoint(directory: Path, d2l: DocToLoRA, opt: torch.optim.Optimizer,
+                    sched: torch.optim.lr_scheduler.LambdaLR) -> dict:
+    state = load_file(directory / "hypernet.safetensors")
+    d2l.hypernet.load_state_dict(state)
+    tensors = load_file(directory / "optimizer.safetensors")
+    meta = json.loads((directory / "train_state.json").read_text())
+    slots: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key == "torch_rng":
+            continue
+        pid, name = key.split(".", 1)
+        slots.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": slots, "param_groups": meta.pop("param_groups")})
+    sched.load_state_dict(meta.pop("scheduler"))
+    torch.set_rng_state(tensors["torch_rng"])
+    version, internal, gauss = meta.pop("python_rng")
+    random.setstate((version, tuple(internal), gauss))
+    return meta
+
+
+@torch.no_grad()
+def usage_gap(d2l: DocToLoRA, examples: list[dict], config: TrainConfig) -> dict[str, float]:
+    """Held-out loss with each example's own document vs with the next example's document."""
+    d2l.hypernet.eval()
+    real = [ex for ex in examples if not ex["control"]]
+    batch = student_batch(d2l.base, real)
+    contexts = [ex["context"] for ex in real]
+    own, _, _ = batch_factors(d2l, contexts, [1] * len(real))
+    other, _, _ = batch_factors(d2l, contexts[1:] + contexts[:1], [1] * len(real))
+    loss_own = per_example_loss(d2l.base, batch, own, d2l.config.scale, config.gold_ce).mean().item()
+    loss_other = per_example_loss(d2l.base, batch, other, d2l.config.scale, config.gold_ce).mean().item()
+    loss_none = per_example_loss(d2l.base, batch, {}, 1.0, config.gold_ce).mean().item()
+    d2l.hypernet.train()
+    return {"eval_loss": loss_own, "eval_loss_shuffled": loss_other, "eval_loss_no_lora": loss_none,
+            "usage_gap": loss_other - loss_own}
+
+
+def train(config: TrainConfig) -> None:
+    """Run (or resume) a training run described by `config`."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed + rank)
+    random.seed(config.seed + rank)
+    config.out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (config.out / "train.json").write_text(config.model_dump_json(indent=1))
+
+    base = load_model(config.hypernet.base_model)
+    d2l = DocToLoRA.untrained(config.hypernet, base, seed=config.seed)
+    d2l.hypernet.train()
+    model = torch.nn.parallel.DistributedDataParallel(d2l.hypernet) if distributed else d2l.hypernet
+    opt = make_optimizer(d2l, config)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config))
+    data = ShardSet(config.data).examples
+    pool = [ex for ex in data if not ex["control"]]
+    held_out = [ex for ex in ShardSet(config.eval_data).examples if not ex["control"]][: config.eval_examples] \
+        if config.eval_data.exists() else []
+    step, position, epoch, started = 0, 0, 0, time.time()
+    last = config.out / "last"
+    if (last / "train_state.json").exists():
+        meta = load_checkpoint(last, d2l, opt, sched)
+        step, position, epoch = meta["step"], meta["position"], meta["epoch"]
+        started -= meta.get("elapsed", 0.0)
+    order = list(range(len(data)))
+    random.Random(config.seed + epoch).shuffle(order)
+    log = (config.out / "metrics.jsonl").open("a") if rank == 0 else None  # closed at the end of train()
+    last_save = time.time()
+    bar = tqdm(total=config.total_steps, initial=step, desc="meta-train", disable=rank != 0)
+    while step < config.total_steps:
+        opt.zero_grad(set_to_none=True)
+        metrics = {"loss": 0.0, "l1": 0.0}
+        for _ in range(config.grad_accum):
+            if position + config.batch_size * world > len(order):
+                epoch, position = epoch + 1, 0
+                order = list(range(len(data)))
+                random.Random(config.seed + epoch).shuffle(order)
+            idx = order[position + rank * config.batch_size : position + (rank + 1) * config.batch_size]
+            position += config.batch_size * world
+            examples = [data[i] for i in idx]
+            rng = random.Random(config.seed * 1_000_003 + step * 101 + rank)
+            stage2 = step >= config.stage2_step
+            n_chunks = [rng.randint(1, config.max_chunks) if stage2 else 1 for _ in examples]
+            factors, a, b = batch_factors(d2l, contexts_for(examples, rng, pool), n_chunks)
+            batch = student_batch(base, examples)
+            kd = per_example_loss(base, batch, factors, d2l.config.scale, config.gold_ce).mean()
+            reg = l1_penalty(a, b)
+            loss = (kd + config.l1 * reg) / config.grad_accum
+            if distributed:  # DDP hooks fire on the wrapped module's parameters
+                loss = loss + 0.0 * sum(p.sum() for p in model.parameters())
+            loss.backward()
+            metrics["loss"] += kd.item() / config.grad_accum
+            metrics["l1"] += reg.item() / config.grad_accum
+        torch.nn.utils.clip_grad_norm_(d2l.hypernet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        record = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0], "elapsed": time.time() - started,
+                  "samples": step * config.batch_size * config.grad_accum * world, **metrics,
+                  "scaler_b": d2l.hypernet.scaler_b.abs().mean().item()}
+        if held_out and rank == 0 and (step % config.eval_every == 0 or step == config.total_steps):
+            record.update(usage_gap(d2l, held_out, config))
+            bar.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if rank == 0 and (time.time() - last_save > config.checkpoint_minutes * 60 or step == config.total_steps):
+            save_checkpoint(last, d2l, opt, sched, {"step": step, "position": position, "epoch": epoch,
+                                                    "elapsed": time.time() - started})
+            last_save = time.time()
+    bar.close()
+    if log:
+        log.close()
+    if distributed:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Meta-train a Doc-to-LoRA hypernetwork.")
+    parser.add_argument("--config", type=Path, required=True, help="train.json (created with defaults if missing)")
+    parser.add_argument("--set", nargs="*", default=[], help="overrides: key=json_value, e.g. lr=0.001")
+    args = parser.parse_args()
+    raw = json.loads(args.config.read_text()) if args.config.exists() else {}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        target = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[leaf] = json.loads(value)
+    train(TrainConfig.model_validate(raw))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Doc-to-LoRA core: chunking, the hypernetwork's guarantees, batching, checkpoints, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from d2l_memory.chunking import split_tokens, validate_text
+from d2l_memory.d2l import DocToLoRA
+from d2l_memory.hypernet import HypernetConfig
+from d2l_memory.lora import LoRA
+
+SMALL = HypernetConfig(layers=[10, 12, 14], chunk_tokens=32, latent_dim=64, n_heads=2)
+
+
+@pytest.fixture(scope="module")
+def fresh(base):
+    return DocToLoRA.untrained(SMALL, base, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained_like(base):
+    d2l = DocToLoRA.untrained(SMALL, base, seed=2)
+    with torch.no_grad():  # stand-in for training: open the B scalers so deltas are non-zero
+        d2l.hypernet.scaler_b.fill_(0.5)
+        d2l.hypernet.bias_b.normal_(0, 0.01)
+    d2l.hypernet.eval()
+    return d2l
+
+
+def test_fresh_hypernetwork_emits_exactly_zero_delta(fresh):
+    lora = fresh.internalize("Alice's favorite color is teal.")
+    assert all(torch.count_nonzero(lora.delta(name)) == 0 for name in lora.modules)
+
+
+def test_k_chunks_give_rank_k_plus_one_times_r(trained_like):
+    text = " ".join(f"Fact {i}: the code of box {i} is {1000 + i}." for i in range(40))
+    n_tokens = len(trained_like.base.tokenizer(text, add_special_tokens=False)["input_ids"])
+    k = -(-n_tokens // SMALL.chunk_tokens)
+    lora = trained_like.internalize(text)
+    assert k > 3 and lora.n_chunks == k
+    assert lora.rank == (k + 1) * SMALL.rank
+    assert lora.base_model == "smollm2-135m-instruct" and len(lora.hypernet) == 64
+
+
+def test_batched_equals_one_by_one(trained_like):
+    texts = ["Bob lives in Oslo.", "Carla plays the cello every Sunday. " * 12, "The code is 4242."]
+    batched = trained_like.internalize_batch(texts)
+    for text, lora in zip(texts, batched, strict=True):
+        alone = trained_like.internalize(text)
+        assert lora.rank == alone.rank
+        for name in lora.modules:
+            assert torch.allclose(lora.delta(name), alone.delta(name), atol=1e-4)
+
+
+def test_chunks_are_equal_contiguous_and_fit_the_window(trained_like):
+    pieces = split_tokens(list(range(103)), 25)
+    assert [len(p) for p in pieces] == [21, 21, 21, 20, 20]
+    assert [i for piece in pieces for i in piece] == list(range(103))
+    chunks = trained_like.chunks("word " * 5000)
+    assert max(len(c) for c in chunks) <= SMALL.chunk_tokens + 16
+    with pytest.raises(ValueError, match="window"):
+        from d2l_memory.chunking import chunk_document
+
+        chunk_document(trained_like.base.tokenizer, "hello", 9000, max_positions=8192)
+
+
+def test_checkpoint_round_trip(trained_like, tmp_path, base):
+    trained_like.save(tmp_path / "ckpt", dtype=torch.float32)
+    loaded = DocToLoRA.from_pretrained(tmp_path / "ckpt", base=base)
+    assert loaded.checksum == trained_like.checksum
+    a, b = trained_like.internalize("Dana is a pilot."), loaded.internalize("Dana is a pilot.")
+    assert torch.allclose(a.delta(a.modules[0]), b.delta(b.modules[0]))
+    with pytest.raises(FileNotFoundError, match="no hypernetwork checkpoint"):
+        DocToLoRA.from_pretrained(tmp_path / "missing", base=base)
+
+
+@pytest.mark.parametrize(("bad", "error", "match"), [
+    ("", ValueError, "empty"), ("   \n\t", ValueError, "whitespace"), (42, TypeError, "int"),
+    (b"bytes", TypeError, "bytes"), ("lone \ud800 surrogate", ValueError, "surrogate"), (None, TypeError, "NoneType"),
+])
+def test_bad_documents_get_clear_errors(fresh, bad, error, match):
+    with pytest.raises(error, match=match):
+        fresh.internalize(bad)
+    with pytest.raises(error, match=match):
+        validate_text(bad)
+
+
+def test_wrong_base_model_is_refused(base):
+    with pytest.raises(ValueError, match="trained for"):
+        DocToLoRA.untrained(SMALL.model_copy(update={"base_model": "gemma-3-270m"}), base)
+
+
+def test_adapter_applies_and_changes_output(trained_like):
+    from d2l_memory.functional import lora_applied
+
+    lora = trained_like.internalize("Erin's favorite food is ramen.")
+    assert isinstance(lora, LoRA)
+    ids = trained_like.base.tokenizer("Hi", return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = trained_like.base.model(ids).logits
+        with lora_applied(trained_like.base.model, lora):
+            changed = trained_like.base.model(ids).logits
+    assert (plain - changed).abs().max() > 0
