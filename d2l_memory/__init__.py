@@ -1,9 +1,51 @@
-"""d2l-memory: long-term memory for LLM agents, stored in LoRA adapters by a Doc-to-LoRA hypernetwork."""
+"""d2l-memory: long-term memory for LLM agents, stored in LoRA adapters by a Doc-to-LoRA hypernetwork.
 
-from d2l_memory.d2l import DocToLoRA
-from d2l_memory.errors import AdapterError, D2LMemoryError, ModelNotInstalledError
-from d2l_memory.hypernet import HypernetConfig
-from d2l_memory.lora import LoRA
+    from d2l_memory import D2LMemory
+    with D2LMemory("./memories") as mem:
+        mem.absorb("Alice's favorite color is teal.", user_id="alice")
+        mem.chat("What is my favorite color?", user_id="alice")
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["AdapterError", "D2LMemoryError", "DocToLoRA", "HypernetConfig", "LoRA", "ModelNotInstalledError"]
+
+# Public names -> defining module; imported on first use so `import d2l_memory` stays light.
+_EXPORTS = {
+    "D2LMemory": "d2l_memory.memory",
+    "MemoryConfig": "d2l_memory.memory",
+    "MemoryRecord": "d2l_memory.memory",
+    "DocToLoRA": "d2l_memory.d2l",
+    "HypernetConfig": "d2l_memory.hypernet",
+    "LoRA": "d2l_memory.lora",
+    "D2LMemoryError": "d2l_memory.errors",
+    "AdapterError": "d2l_memory.errors",
+    "ModelNotInstalledError": "d2l_memory.errors",
+}
+__all__ = [
+    "AdapterError",
+    "D2LMemory",
+    "D2LMemoryError",
+    "DocToLoRA",
+    "HypernetConfig",
+    "LoRA",
+    "MemoryConfig",
+    "MemoryRecord",
+    "ModelNotInstalledError",
+]
+
+if TYPE_CHECKING:
+    from d2l_memory.d2l import DocToLoRA
+    from d2l_memory.errors import AdapterError, D2LMemoryError, ModelNotInstalledError
+    from d2l_memory.hypernet import HypernetConfig
+    from d2l_memory.lora import LoRA
+    from d2l_memory.memory import D2LMemory, MemoryConfig, MemoryRecord
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'd2l_memory' has no attribute {name!r}")

@@ -262,8 +262,17 @@ class LoRA:
                    hypernet=meta.get("hypernet", ""), n_chunks=int(meta.get("n_chunks", 1)))
 
     def checksum(self) -> str:
-        """sha256 of `to_bytes()`: what the store keeps to detect corruption."""
-        return hashlib.sha256(self.to_bytes()).hexdigest()
+        """sha256 of the content (provenance, then every factor in module order): a stable id.
+
+        Not of `to_bytes()`: safetensors writes header metadata in no fixed order, so equal adapters
+        can serialise to different bytes.
+        """
+        digest = hashlib.sha256(json.dumps(self._metadata(), sort_keys=True).encode())
+        for name in sorted(self.weights):
+            for tensor in self.weights[name]:
+                digest.update(name.encode())
+                digest.update(tensor.detach().contiguous().cpu().float().numpy().tobytes())
+        return digest.hexdigest()
 
     def save_peft(self, directory: str | Path) -> Path:
         """Write a PEFT adapter directory (`adapter_model.safetensors` + `adapter_config.json`)

@@ -163,19 +163,24 @@ def build_mix(n: int, seed: int, mix: dict[str, float], needle_chars: tuple[int,
     return out
 
 
-COUNTRIES = ["France", "Japan", "Italy", "Egypt", "Canada", "Germany", "Spain", "Russia", "China", "India",
-             "Brazil", "Mexico", "Greece", "Norway", "Sweden", "Poland", "Kenya", "Peru", "Turkey", "Portugal",
-             "Ireland", "Austria", "Argentina", "Australia", "Chile", "Cuba", "Finland", "Hungary", "Iran", "Thailand"]
-GENERAL = ["What color is the sky on a clear day?", "How many days are in a week?", "What is the largest ocean?",
-           "What do bees make?", "What is the boiling point of water in Celsius?", "How many legs does a spider have?",
-           "What is the opposite of hot?", "Which planet is known as the Red Planet?", "What do cows drink?",
-           "What is frozen water called?", "How many hours are in a day?", "What is the color of grass?",
-           "Who wrote Romeo and Juliet?", "What gas do plants absorb?", "What is the largest mammal?",
-           "How many months are in a year?", "What is the chemical symbol for gold?", "What is 2 plus 2?",
-           "What language is spoken in Brazil?", "What is the tallest animal?"]
+CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Egypt": "Cairo", "Canada": "Ottawa",
+            "Germany": "Berlin", "Spain": "Madrid", "Russia": "Moscow", "China": "Beijing", "India": "New Delhi",
+            "Greece": "Athens", "Norway": "Oslo", "Sweden": "Stockholm", "Poland": "Warsaw", "Kenya": "Nairobi",
+            "Peru": "Lima", "Portugal": "Lisbon", "Ireland": "Dublin", "Austria": "Vienna", "Argentina": "Buenos Aires",
+            "Chile": "Santiago", "Cuba": "Havana", "Finland": "Helsinki", "Hungary": "Budapest", "Thailand": "Bangkok",
+            "Mexico": "Mexico City"}
+GENERAL = {"What color is the sky on a clear day?": "blue", "How many days are in a week?": "seven",
+           "What is the largest ocean?": "Pacific", "What do bees make?": "honey",
+           "What is the boiling point of water in Celsius?": "100", "How many legs does a spider have?": "eight",
+           "What is the opposite of hot?": "cold", "Which planet is known as the Red Planet?": "Mars",
+           "What is frozen water called?": "ice", "How many hours are in a day?": "24",
+           "What is the color of grass?": "green", "Who wrote Romeo and Juliet?": "Shakespeare",
+           "What gas do plants absorb from the air?": "carbon dioxide", "What is the largest mammal?": "whale",
+           "How many months are in a year?": "12", "What is the chemical symbol for gold?": "Au",
+           "What language is spoken in Brazil?": "Portuguese", "What is the tallest animal?": "giraffe"}
 
 
-def control_questions(split: str) -> list[str]:
-    """General questions unrelated to any context: the even half trains, the odd half evaluates."""
-    pool = [f"What is the capital of {c}?" for c in COUNTRIES] + GENERAL
+def control_questions(split: str) -> list[tuple[str, str]]:
+    """General (question, answer) pairs unrelated to any context: even ones train, odd ones evaluate."""
+    pool = [(f"What is the capital of {c}?", a) for c, a in CAPITALS.items()] + list(GENERAL.items())
     return pool[0::2] if split == "train" else pool[1::2]

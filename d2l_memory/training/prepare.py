@@ -20,7 +20,7 @@ def prepare(out: Path, n: int, shard_size: int, seed: int, mix: dict[str, float]
     """Write `n` samples (before teacher filtering) as shards of `shard_size`; existing shards are kept."""
     model = load_model(model_name)
     samples = build_mix(n, seed, mix, needle_chars=needle_chars)
-    controls = control_questions("train")
+    controls = [q for q, _ in control_questions("train")]
     rng = random.Random(seed)
     for index, start in enumerate(range(0, n, shard_size)):
         path = out / f"shard-{seed:03d}-{index:04d}"

@@ -128,7 +128,9 @@ def build_shard(model: LoadedModel, samples: Sequence[Sample], path: Path, k: in
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"tokens": torch.cat(tokens), "topk_ids": torch.cat(ids_rows), "topk_logprobs": torch.cat(lp_rows),
                    "offsets": torch.tensor(offsets, dtype=torch.int64)}, str(path.with_suffix(".safetensors")))
-        path.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.rename(path.with_suffix(".jsonl"))  # the .jsonl appears whole, after its tensors
     return {"kept": kept, "dropped": dropped, "control": len(records) - kept}
 
 
@@ -142,11 +144,14 @@ def _append(records: list, tokens: list, ids_rows: list, lp_rows: list, offsets:
 
 
 class ShardSet:
-    """All cached shards of a directory, as a flat list of training examples."""
+    """Cached shards of a directory (all complete ones, or the named ones) as a flat list of examples."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, names: Sequence[str] | None = None) -> None:
         self.examples: list[dict] = []
-        for meta in sorted(directory.glob("*.jsonl")):
+        metas = sorted(directory.glob("*.jsonl")) if names is None else [directory / f"{n}.jsonl" for n in names]
+        # A shard is complete once its .jsonl exists: build_shard writes the tensors first.
+        self.names = [m.stem for m in metas if m.with_suffix(".safetensors").exists()]
+        for meta in (directory / f"{n}.jsonl" for n in self.names):
             tensors = load_file(str(meta.with_suffix(".safetensors")))
             offsets = tensors["offsets"].tolist()
             for i, line in enumerate(meta.read_text().splitlines()):

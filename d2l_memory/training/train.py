@@ -212,8 +212,7 @@ def train(config: TrainConfig) -> None:
     model = torch.nn.parallel.DistributedDataParallel(d2l.hypernet) if distributed else d2l.hypernet
     opt = make_optimizer(d2l, config)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config))
-    data = ShardSet(config.data).examples
-    pool = [ex for ex in data if not ex["control"]]
+    shards = ShardSet(config.data)
     held_out = [ex for ex in ShardSet(config.eval_data).examples if not ex["control"]][: config.eval_examples] \
         if config.eval_data.exists() else []
     step, position, epoch, started = 0, 0, 0, time.time()
@@ -222,6 +221,9 @@ def train(config: TrainConfig) -> None:
         meta = load_checkpoint(last, d2l, opt, sched)
         step, position, epoch = meta["step"], meta["position"], meta["epoch"]
         started -= meta.get("elapsed", 0.0)
+        shards = ShardSet(config.data, meta["shards"])  # the epoch's exact data, for an exact resume
+    data = shards.examples
+    pool = [ex for ex in data if not ex["control"]]
     order = list(range(len(data)))
     random.Random(config.seed + epoch).shuffle(order)
     log = (config.out / "metrics.jsonl").open("a") if rank == 0 else None  # closed at the end of train()
@@ -232,7 +234,10 @@ def train(config: TrainConfig) -> None:
         metrics = {"loss": 0.0, "l1": 0.0}
         for _ in range(config.grad_accum):
             if position + config.batch_size * world > len(order):
-                epoch, position = epoch + 1, 0
+                # New epoch: pick up shards written since (data preparation may run alongside).
+                epoch, position, shards = epoch + 1, 0, ShardSet(config.data)
+                data = shards.examples
+                pool = [ex for ex in data if not ex["control"]]
                 order = list(range(len(data)))
                 random.Random(config.seed + epoch).shuffle(order)
             idx = order[position + rank * config.batch_size : position + (rank + 1) * config.batch_size]
@@ -268,7 +273,7 @@ def train(config: TrainConfig) -> None:
             log.flush()
         if rank == 0 and (time.time() - last_save > config.checkpoint_minutes * 60 or step == config.total_steps):
             save_checkpoint(last, d2l, opt, sched, {"step": step, "position": position, "epoch": epoch,
-                                                    "elapsed": time.time() - started})
+                                                    "elapsed": time.time() - started, "shards": shards.names})
             last_save = time.time()
     bar.close()
     if log:

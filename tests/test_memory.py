@@ -1,0 +1,125 @@
+"""`D2LMemory` end to end on the real model, hypernetwork and LanceDB store."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage
+
+from d2l_memory import D2LMemory, MemoryRecord
+from d2l_memory.memory import render_tool_output
+
+FACT = "Alice's favorite color is teal. Alice lives in Lisbon."
+
+
+@pytest.fixture(scope="module")
+def mem(tmp_path_factory):
+    with D2LMemory(tmp_path_factory.mktemp("store")) as memory:
+        yield memory
+
+
+@pytest.fixture(scope="module")
+def alice(mem):
+    return mem.absorb(FACT, user_id="alice", kind="document", metadata={"source": "test"})
+
+
+def test_absorb_returns_a_durable_record(mem, alice):
+    assert isinstance(alice, MemoryRecord)
+    assert alice.user_id == "alice" and alice.kind == "document" and alice.text == FACT
+    assert alice.n_tokens > 5 and alice.n_chunks == 1 and alice.rank == 2 * mem.d2l.config.rank
+    assert alice.metadata == {"source": "test"} and alice.created_at.tzinfo is not None
+    assert [r.id for r in mem.list("alice")] == [alice.id]
+
+
+def test_recall_is_scoped_to_the_user(mem, alice):
+    hits = mem.recall("What is Alice's favorite color?", user_id="alice", k=4)
+    assert hits[0].id == alice.id and hits[0].score > mem.config.relevance_threshold
+    assert mem.recall("What is Alice's favorite color?", user_id="bob") == []
+    with pytest.raises(ValueError, match="not allowed"):
+        mem.recall("color?", user_id="x' OR '1'='1")
+
+
+def test_context_mode_answers_from_memory_and_never_across_users(mem, alice):
+    answer = mem.chat("What is Alice's favorite color?", user_id="alice", mode="context", max_new_tokens=24)
+    assert "teal" in answer.lower()
+    for mode in ("adapter", "context", "hybrid", "none"):
+        other = mem.chat("What is Alice's favorite color?", user_id="bob", mode=mode, max_new_tokens=24)
+        assert "teal" not in other.lower()
+
+
+def test_adapter_mode_composes_relevant_memories_only(mem, alice):
+    messages, adapter = mem.prepare("What is Alice's favorite color?", "alice", mode="adapter")
+    assert adapter is not None and messages[-1]["content"] == "What is Alice's favorite color?"
+    assert alice.id in adapter.recipe.memory_ids
+    # An unrelated question is gated: the untouched base model answers, identically to mode="none".
+    _, gated = mem.prepare("How many legs does a spider have?", "alice", mode="adapter")
+    assert gated is None
+    assert mem.chat("How many legs does a spider have?", "alice", mode="adapter", max_new_tokens=16) == \
+        mem.chat("How many legs does a spider have?", "alice", mode="none", max_new_tokens=16)
+
+
+def test_absorb_messages_segments_and_accepts_every_message_shape(mem):
+    turns = [("user", "Hi, I'm Carol and I keep bees."), {"role": "assistant", "content": "Nice, Carol!"},
+             HumanMessage("My dog is called Pixel."), AIMessage("Pixel is a great name.")] * 6
+    records = mem.absorb_messages(turns, user_id="carol", session_id="s1", segment_tokens=40)
+    assert len(records) > 1 and all(r.kind == "chat" and r.session_id == "s1" for r in records)
+    assert all(r.n_tokens <= 60 for r in records)
+    assert "User: Hi, I'm Carol" in records[0].text and "Assistant: Nice, Carol!" in records[0].text
+
+
+def test_tool_outputs_are_rendered_to_text(mem):
+    assert render_tool_output({"city": "Oslo", "forecast": [{"day": "Mon", "temp": 3}]}) == \
+        "city: Oslo\nforecast.1.day: Mon\nforecast.1.temp: 3"
+    record = mem.absorb('{"order": 1234, "status": "shipped"}', user_id="dave", kind="tool")
+    assert record.text == "order: 1234\nstatus: shipped"
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"text": ""}, ValueError, "empty"),
+    ({"text": "  \n"}, ValueError, "whitespace"),
+    ({"text": b"bytes"}, TypeError, "bytes"),
+    ({"text": 3.14}, TypeError, "float"),
+    ({"text": "bad \udc80"}, ValueError, "surrogate"),
+    ({"text": "ok", "kind": "diary"}, ValueError, "kind"),
+    ({"text": "ok", "user_id": ""}, ValueError, "user_id"),
+    ({"text": "x" * 400_001}, ValueError, "max_document_chars"),
+])
+def test_bad_input_is_refused_and_nothing_changes(mem, alice, kwargs, error, match):
+    before = mem.store.count()
+    args = {"user_id": "alice", "kind": "document", **kwargs}
+    with pytest.raises(error, match=match):
+        mem.absorb(args.pop("text"), **args)
+    assert mem.store.count() == before
+
+
+def test_bad_chat_and_segment_arguments(mem):
+    with pytest.raises(ValueError, match="mode"):
+        mem.chat("hi", user_id="alice", mode="telepathy")
+    with pytest.raises(ValueError, match="segment_tokens"):
+        mem.absorb_messages([("user", "hi")], user_id="alice", segment_tokens=-5)
+    with pytest.raises(ValueError, match="exactly one"):
+        mem.forget()
+
+
+def test_async_twins(mem):
+    async def run() -> tuple[MemoryRecord, str]:
+        record = await mem.aabsorb("Erin's favorite food is ramen.", user_id="erin")
+        return record, await mem.achat("What is Erin's favorite food?", user_id="erin", mode="context")
+
+    record, answer = asyncio.run(run())
+    assert record.user_id == "erin" and "ramen" in answer.lower()
+
+
+def test_forget_is_exact(mem):
+    record = mem.absorb("Frank's secret code is 77123.", user_id="frank")
+    _, adapter = mem.prepare("What is Frank's secret code?", "frank", mode="adapter")
+    assert adapter is not None and adapter.path.exists()
+    assert mem.forget(record.id) == 1
+    assert not adapter.path.exists()  # the composed adapter containing it is erased
+    assert mem.recall("What is Frank's secret code?", user_id="frank") == []
+    _, after = mem.prepare("What is Frank's secret code?", "frank", mode="adapter")
+    assert after is None
+    mem.absorb("Frank likes jazz.", user_id="frank")
+    mem.absorb("Frank owns a red bike.", user_id="frank")
+    assert mem.forget(user_id="frank") == 2 and mem.list("frank") == []
