@@ -1,7 +1,7 @@
 """Meta-training recipe: a plain loop you read top to bottom (no trainer framework).
 
     python -m d2l_memory.training.train --config runs/<name>/train.json          # one process
-    torchrun --nproc_per_node 2 -m d2l_memory.training.train --config ...       # data-parallel (DDP)
+    torchrun --nproc_per_node 2 -m d2l_memory.training.train --config ...       # data-parallel
 
 Each step: sample examples -> cut each context into 1 (stage 1) or 1..max_chunks (stage 2) chunks ->
 hypernetwork factors per chunk (frozen encoder) -> concatenate per example along the rank + bias slot
@@ -58,6 +58,8 @@ class TrainConfig(BaseModel):
     eval_every: int = 50
     eval_examples: int = 32
     checkpoint_minutes: float = 5.0
+    stop_at_step: int | None = Field(None, description="end this invocation (with a checkpoint) at this step")
+    time_budget_minutes: float | None = Field(None, description="end this invocation after this long")
     threads: int = 1
     seed: int = 0
 
@@ -209,7 +211,6 @@ def train(config: TrainConfig) -> None:
     base = load_model(config.hypernet.base_model)
     d2l = DocToLoRA.untrained(config.hypernet, base, seed=config.seed)
     d2l.hypernet.train()
-    model = torch.nn.parallel.DistributedDataParallel(d2l.hypernet) if distributed else d2l.hypernet
     opt = make_optimizer(d2l, config)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config))
     shards = ShardSet(config.data)
@@ -227,9 +228,16 @@ def train(config: TrainConfig) -> None:
     order = list(range(len(data)))
     random.Random(config.seed + epoch).shuffle(order)
     log = (config.out / "metrics.jsonl").open("a") if rank == 0 else None  # closed at the end of train()
-    last_save = time.time()
+    last_save = invocation_start = time.time()
     bar = tqdm(total=config.total_steps, initial=step, desc="meta-train", disable=rank != 0)
     while step < config.total_steps:
+        if config.stop_at_step is not None and step >= config.stop_at_step:
+            break
+        if config.time_budget_minutes is not None and time.time() - invocation_start > config.time_budget_minutes * 60:
+            if rank == 0:
+                save_checkpoint(last, d2l, opt, sched, {"step": step, "position": position, "epoch": epoch,
+                                                        "elapsed": time.time() - started, "shards": shards.names})
+            break
         opt.zero_grad(set_to_none=True)
         metrics = {"loss": 0.0, "l1": 0.0}
         for _ in range(config.grad_accum):
@@ -251,11 +259,13 @@ def train(config: TrainConfig) -> None:
             kd = per_example_loss(base, batch, factors, d2l.config.scale, config.gold_ce).mean()
             reg = l1_penalty(a, b)
             loss = (kd + config.l1 * reg) / config.grad_accum
-            if distributed:  # DDP hooks fire on the wrapped module's parameters
-                loss = loss + 0.0 * sum(p.sum() for p in model.parameters())
             loss.backward()
             metrics["loss"] += kd.item() / config.grad_accum
             metrics["l1"] += reg.item() / config.grad_accum
+        if distributed:  # data parallel: every rank steps with the mean gradient (what DDP computes)
+            for p in d2l.hypernet.parameters():
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)  # AVG is not available on gloo (CPU)
+                p.grad /= world
         torch.nn.utils.clip_grad_norm_(d2l.hypernet.parameters(), 1.0)
         opt.step()
         sched.step()
@@ -271,7 +281,8 @@ def train(config: TrainConfig) -> None:
         if log:
             log.write(json.dumps(record) + "\n")
             log.flush()
-        if rank == 0 and (time.time() - last_save > config.checkpoint_minutes * 60 or step == config.total_steps):
+        ending = step in (config.total_steps, config.stop_at_step)
+        if rank == 0 and (time.time() - last_save > config.checkpoint_minutes * 60 or ending):
             save_checkpoint(last, d2l, opt, sched, {"step": step, "position": position, "epoch": epoch,
                                                     "elapsed": time.time() - started, "shards": shards.names})
             last_save = time.time()

@@ -1,0 +1,80 @@
+"""Meta-training pipeline: teacher shards, the objective, exact resume, and data-parallel launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from d2l_memory.training.data import build_mix, fact_sample
+from d2l_memory.training.evaluate import token_f1
+from d2l_memory.training.teacher import ShardSet, build_shard
+from d2l_memory.training.train import TrainConfig, train
+
+TINY = {"layers": [10, 12], "latent_dim": 64, "n_heads": 2, "chunk_tokens": 64}
+
+
+@pytest.fixture(scope="module")
+def shard_dir(base, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("shards")
+    samples = [fact_sample(random.Random(i)) for i in range(10)]
+    counts = build_shard(base, samples, directory / "shard-0", control=["What is the capital of Peru?"])
+    assert counts["kept"] >= 6 and counts["control"] == 1
+    return directory
+
+
+def test_shards_hold_teacher_topk_for_each_response_token(base, shard_dir):
+    examples = ShardSet(shard_dir).examples
+    real = [e for e in examples if not e["control"]]
+    first = real[0]
+    assert first["topk_ids"].shape == (len(first["response"]), 16)
+    assert first["response"][-1].item() == base.tokenizer.eos_token_id
+    # The teacher (with the context) puts most mass on the reference answer's tokens.
+    hit = first["topk_ids"][:, 0] == first["response"]
+    assert hit.float().mean() > 0.5
+    assert any(e["control"] and e["context"] == "" for e in examples)
+
+
+def test_mix_never_reads_benchmarks():
+    sources = {s.source for s in build_mix(200, 3, {"facts": 0.3, "needle": 0.2, "squad": 0.3, "fairytale": 0.2})}
+    assert sources <= {"facts", "needle", "fairytale", "squad:new_wiki_v1.0", "squad:reddit_v1.0",
+                       "squad:amazon_reviews_v1.0", "squad:saipriya_train-v1.1_sample"}
+    assert token_f1("the Eiffel tower", "Eiffel Tower!") == 1.0 and token_f1("no", "yes") == 0.0
+
+
+def _config(shard_dir, out, **kw) -> TrainConfig:
+    fields = {"data": shard_dir, "eval_data": shard_dir, "out": out, "hypernet": TINY, "batch_size": 3,
+              "total_steps": 4, "warmup_steps": 1, "eval_every": 4, "eval_examples": 4, "checkpoint_minutes": 0,
+              "stage2_step": 2, "max_chunks": 3}
+    return TrainConfig(**{**fields, **kw})
+
+
+def test_resume_is_exact(shard_dir, tmp_path):
+    train(_config(shard_dir, tmp_path / "straight"))
+    train(_config(shard_dir, tmp_path / "resumed", stop_at_step=2))
+    state = json.loads((tmp_path / "resumed" / "last" / "train_state.json").read_text())
+    assert state["step"] == 2
+    train(_config(shard_dir, tmp_path / "resumed"))
+    a = load_file(tmp_path / "straight" / "last" / "hypernet.safetensors")
+    b = load_file(tmp_path / "resumed" / "last" / "hypernet.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    metrics = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert "usage_gap" in metrics[-1] and metrics[-1]["scaler_b"] > 0  # the B scalers left zero: it learns
+
+
+def test_data_parallel_launch_with_torchrun(shard_dir, tmp_path):
+    config = _config(shard_dir, tmp_path / "ddp", eval_examples=0).model_dump_json()
+    (tmp_path / "train.json").write_text(config)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                    "d2l_memory.training.train", "--config", str(tmp_path / "train.json"), "--set", "total_steps=2"],
+                   check=True, env=env, capture_output=True, timeout=600)
+    metrics = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["samples"] == 2 * 3 * 2  # steps x batch x ranks
