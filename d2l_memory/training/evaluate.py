@@ -22,13 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.functional import lora_applied
 from d2l_memory.lora import LoRA
 from d2l_memory.training.data import SHARED, Sample, control_questions, fact_sample, needle_sample, squad_samples
-from d2l_memory.training.teacher import TEACHER_TEMPLATE, normalize, prompt_ids
+from d2l_memory.training.teacher import normalize, prompt_ids
 
 EVAL_SEED = 10_007  # disjoint from every training seed
 
