@@ -126,7 +126,7 @@ class DocToLoRA:
                 b_parts.append(bias[1][j])
             weights[name] = (torch.cat(a_parts).detach().float(), torch.cat(b_parts, 1).detach().float())
         return LoRA(weights, scale=self.config.scale, base_model=self.base.model_id, hypernet=self.checksum,
-                    n_chunks=a_chunks.shape[0])
+                    n_chunks=a_chunks.shape[0], bias_rows=self.config.rank if bias is not None else 0)
 
     @torch.no_grad()
     def internalize(self, text: str) -> LoRA:

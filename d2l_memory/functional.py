@@ -29,7 +29,7 @@ def module_shapes(model: nn.Module, names: Sequence[str] | None = None) -> dict[
     return shapes if names is None else {n: shapes[n] for n in names if n in shapes}
 
 
-def stack(loras: Sequence[LoRA | None], dtype: torch.dtype = torch.float32
+def stack(loras: Sequence[LoRA | None], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
           ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
     """Batch several adapters (None = no adapter for that row) into `Factors` and one scale.
 
@@ -44,13 +44,13 @@ def stack(loras: Sequence[LoRA | None], dtype: torch.dtype = torch.float32
         shapes.update(lo.shapes())
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, (d_out, d_in) in shapes.items():
-        a = torch.zeros(len(loras), rank, d_in, dtype=dtype)
-        b = torch.zeros(len(loras), d_out, rank, dtype=dtype)
+        a = torch.zeros(len(loras), rank, d_in, dtype=dtype, device=device)
+        b = torch.zeros(len(loras), d_out, rank, dtype=dtype, device=device)
         for i, lo in enumerate(loras):
             if lo is not None and name in lo.weights:
                 a_i, b_i = lo.weights[name]
-                a[i, : lo.rank] = a_i.to(dtype) * lo.scale
-                b[i, :, : lo.rank] = b_i.to(dtype)
+                a[i, : lo.rank] = a_i.to(device, dtype) * lo.scale
+                b[i, :, : lo.rank] = b_i.to(device, dtype)
         factors[name] = (a, b)
     return factors, 1.0
 
@@ -94,7 +94,7 @@ def lora_applied(model: nn.Module, lora: LoRA | Sequence[LoRA | None] | None) ->
     if lora is None:
         yield model
         return
-    factors, scale = stack([lora] if isinstance(lora, LoRA) else list(lora),
-                           dtype=next(model.parameters()).dtype)
+    param = next(model.parameters())
+    factors, scale = stack([lora] if isinstance(lora, LoRA) else list(lora), dtype=param.dtype, device=param.device)
     with applied(model, factors, scale):
         yield model

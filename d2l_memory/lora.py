@@ -39,6 +39,8 @@ class LoRA:
         base_model: id of the base model the adapter was made for.
         hypernet: checksum of the hypernetwork that made it ("" for adapters made otherwise).
         n_chunks: how many document chunks were internalized into it.
+        bias_rows: the last `bias_rows` rank slots hold the hypernetwork's document-independent bias LoRA,
+            identical in every adapter that hypernetwork makes; `concat` keeps one copy of them.
 
     Raises:
         ValueError: no modules, mismatched ranks, or factor shapes that do not chain.
@@ -51,6 +53,7 @@ class LoRA:
         base_model: str = "",
         hypernet: str = "",
         n_chunks: int = 1,
+        bias_rows: int = 0,
     ) -> None:
         if not weights:
             raise ValueError("a LoRA needs at least one target module")
@@ -68,6 +71,9 @@ class LoRA:
         self.base_model = base_model
         self.hypernet = hypernet
         self.n_chunks = int(n_chunks)
+        if not 0 <= bias_rows <= self.rank:
+            raise ValueError(f"bias_rows must be in 0..{self.rank}, got {bias_rows}")
+        self.bias_rows = int(bias_rows)
 
     # -- basic facts ---------------------------------------------------------------------------
     @property
@@ -101,7 +107,7 @@ class LoRA:
 
     def _replace(self, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]], **kw: object) -> LoRA:
         fields = {"scale": self.scale, "base_model": self.base_model, "hypernet": self.hypernet,
-                  "n_chunks": self.n_chunks, **kw}
+                  "n_chunks": self.n_chunks, "bias_rows": self.bias_rows, **kw}
         return LoRA(weights, **fields)  # type: ignore[arg-type]
 
     # -- validation ----------------------------------------------------------------------------
@@ -145,7 +151,10 @@ class LoRA:
     # -- algebra -------------------------------------------------------------------------------
     @staticmethod
     def concat(loras: Sequence[LoRA], weights: Sequence[float] | None = None) -> LoRA:
-        """Stack ranks: the result's delta is exactly `sum_i weights[i] * delta_i`.
+        """Stack ranks: the result's delta is exactly `sum_i weights[i] * delta_i`, except that a bias
+        slot shared by all inputs (same hypernetwork, same `bias_rows`) is kept once, unweighted:
+        `sum_i weights[i] * document_delta_i + bias_delta`. Composing memories must not multiply the
+        hypernetwork's prior by the number of memories.
 
         Modules missing from some inputs get zero rows there. The result keeps the first input's scale
         and folds each input's `weight * scale / scale_0` into its A rows.
@@ -161,6 +170,9 @@ class LoRA:
         bases = {lo.base_model for lo in loras}
         if len(bases) != 1:
             raise ValueError(f"cannot concat adapters of different base models: {sorted(bases)}")
+        hypernets = {lo.hypernet for lo in loras}
+        shared = loras[0].bias_rows if len(hypernets) == 1 and "" not in hypernets and \
+            len({lo.bias_rows for lo in loras}) == 1 else 0
         scale = loras[0].scale
         modules: dict[str, tuple[int, int]] = {}
         for lo in loras:
@@ -168,22 +180,25 @@ class LoRA:
                 if modules.setdefault(name, shape) != shape:
                     raise ValueError(f"module {name} has shapes {modules[name]} and {shape}")
         dtype = loras[0].dtype
+        # (adapter, weight, first row, last row): document rows of every input, then one shared bias.
+        parts = [(lo, w, 0, lo.rank - shared) for lo, w in zip(loras, weights, strict=True)]
+        if shared:
+            parts.append((loras[0], 1.0, loras[0].rank - shared, loras[0].rank))
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, (d_out, d_in) in modules.items():
             a_parts, b_parts = [], []
-            for lo, w in zip(loras, weights, strict=True):
+            for lo, w, start, end in parts:
                 if name in lo.weights:
                     a, b = lo.weights[name]
-                    a_parts.append(a.to(dtype) * (w * lo.scale / scale))
-                    b_parts.append(b.to(dtype))
+                    a_parts.append(a[start:end].to(dtype) * (w * lo.scale / scale))
+                    b_parts.append(b[:, start:end].to(dtype))
                 else:
-                    a_parts.append(torch.zeros(lo.rank, d_in, dtype=dtype))
-                    b_parts.append(torch.zeros(d_out, lo.rank, dtype=dtype))
+                    a_parts.append(torch.zeros(end - start, d_in, dtype=dtype))
+                    b_parts.append(torch.zeros(d_out, end - start, dtype=dtype))
             out[name] = (torch.cat(a_parts, 0), torch.cat(b_parts, 1))
-        hypernets = {lo.hypernet for lo in loras}
         return LoRA(out, scale=scale, base_model=loras[0].base_model,
                     hypernet=hypernets.pop() if len(hypernets) == 1 else "mixed",
-                    n_chunks=sum(lo.n_chunks for lo in loras))
+                    n_chunks=sum(lo.n_chunks for lo in loras), bias_rows=shared)
 
     def truncate(self, rank: int) -> tuple[LoRA, float]:
         """Best rank-`rank` approximation of every module's delta, and the relative error.
@@ -212,7 +227,7 @@ class LoRA:
             kept += float((s[:rank] ** 2).sum())
             dropped += float((s[rank:] ** 2).sum())
         total = kept + dropped
-        return self._replace(out), math.sqrt(dropped / total) if total > 0 else 0.0
+        return self._replace(out, bias_rows=0), math.sqrt(dropped / total) if total > 0 else 0.0
 
     def pad(self, rank: int) -> LoRA:
         """The same delta at a larger rank (zero rows), e.g. to reach a rank vLLM accepts."""
@@ -221,15 +236,18 @@ class LoRA:
         extra = rank - self.rank
         if extra == 0:
             return self
+        cut = self.rank - self.bias_rows  # zeros go before the bias slot, which stays last
         return self._replace({
-            n: (torch.cat([a, a.new_zeros(extra, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], extra)], 1))
+            n: (torch.cat([a[:cut], a.new_zeros(extra, a.shape[1]), a[cut:]]),
+                torch.cat([b[:, :cut], b.new_zeros(b.shape[0], extra), b[:, cut:]], 1))
             for n, (a, b) in self.weights.items()
         })
 
     # -- storage -------------------------------------------------------------------------------
     def _metadata(self) -> dict[str, str]:
         return {"format": "d2l-lora", "version": FORMAT_VERSION, "scale": repr(self.scale),
-                "base_model": self.base_model, "hypernet": self.hypernet, "n_chunks": str(self.n_chunks)}
+                "base_model": self.base_model, "hypernet": self.hypernet, "n_chunks": str(self.n_chunks),
+                "bias_rows": str(self.bias_rows)}
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = {}
@@ -259,7 +277,8 @@ class LoRA:
         if meta.get("format") != "d2l-lora":
             raise AdapterError("safetensors data is not a d2l-memory adapter (no d2l-lora metadata)")
         return cls(_pairs(tensors), scale=float(meta["scale"]), base_model=meta.get("base_model", ""),
-                   hypernet=meta.get("hypernet", ""), n_chunks=int(meta.get("n_chunks", 1)))
+                   hypernet=meta.get("hypernet", ""), n_chunks=int(meta.get("n_chunks", 1)),
+                   bias_rows=int(meta.get("bias_rows", 0)))
 
     def checksum(self) -> str:
         """sha256 of the content (provenance, then every factor in module order): a stable id.
@@ -316,7 +335,8 @@ class LoRA:
             raise AdapterError(f"{directory} is not a plain LoRA adapter")
         return cls(_pairs(tensors), scale=config["lora_alpha"] / config["r"],
                    base_model=meta.get("base_model", config.get("base_model_name_or_path") or ""),
-                   hypernet=meta.get("hypernet", ""), n_chunks=int(meta.get("n_chunks", 1)))
+                   hypernet=meta.get("hypernet", ""), n_chunks=int(meta.get("n_chunks", 1)),
+                   bias_rows=int(meta.get("bias_rows", 0)))
 
     def __repr__(self) -> str:
         return (f"LoRA(modules={len(self.weights)}, rank={self.rank}, scale={self.scale:g}, "

@@ -45,7 +45,8 @@ class MemoryConfig(BaseModel):
     relevance_threshold: float = Field(0.3, ge=-1.0, le=1.0,
                                        description="memories less similar than this to the query are not used")
     k: int = Field(4, ge=1, description="memories recalled per chat turn")
-    rank_budget: int = Field(256, ge=1, le=512, description="largest rank of a composed adapter")
+    rank_budget: int = Field(64, ge=1, le=512, description="largest rank of a composed adapter (vLLM's "
+                             "max_lora_rank must hold it)")
     segment_tokens: int = Field(256, ge=16, description="token budget of one chat memory (absorb_messages)")
     max_document_chars: int = Field(400_000, ge=1, description="absorb() refuses longer texts")
     max_context_tokens: int = Field(6000, ge=64, description="text budget of the prompt in context/hybrid modes")
@@ -161,7 +162,11 @@ class D2LMemory:
         elif engine == "transformers":
             self.engine = make_engine("transformers", self.config.base_model, loaded=base)
         elif engine in ("vllm", "vllm-server"):
-            self.engine = make_engine(engine, self.config.base_model)  # type: ignore[arg-type]
+            # vLLM serves from the same composed cache; wrapping only the hypernetwork's targets keeps
+            # multi-adapter throughput up (all linears wrapped measured 0.32x of base at 16 users).
+            target = self.d2l.config.target.rsplit(".", 1)[-1]
+            self.engine = make_engine(engine, self.config.base_model, cache=self.cache,  # type: ignore[arg-type]
+                                      lora_target_modules=(target,))
         else:
             raise ValueError(f"unknown engine {engine!r}; expected 'transformers', 'vllm' or 'vllm-server'")
         self.store.on_erase(self._erased)

@@ -96,3 +96,26 @@ def test_validation_rejects_bad_adapters(base):
         LoRA({NAMES[0]: (torch.zeros(4, 8), torch.zeros(8, 4)), NAMES[1]: (torch.zeros(2, 8), torch.zeros(8, 2))})
     with pytest.raises(AdapterError, match="not valid safetensors"):
         LoRA.from_bytes(b"\x00garbage that is not an adapter")
+
+
+def test_concat_keeps_a_shared_bias_slot_once():
+    def d2l_like(seed: int) -> LoRA:
+        g = torch.Generator().manual_seed(seed)
+        doc = {n: (torch.randn(4, 1536, generator=g) * 0.05, torch.randn(576, 4, generator=g) * 0.05) for n in NAMES}
+        bias_g = torch.Generator().manual_seed(99)  # the same bias in every adapter of this hypernetwork
+        weights = {}
+        for n in NAMES:
+            bias_a, bias_b = torch.randn(4, 1536, generator=bias_g) * 0.05, torch.randn(576, 4, generator=bias_g) * 0.05
+            weights[n] = (torch.cat([doc[n][0], bias_a]), torch.cat([doc[n][1], bias_b], 1))
+        return LoRA(weights, scale=2.0, base_model="smollm2-135m-instruct", hypernet="h" * 64, bias_rows=4)
+
+    x, y = d2l_like(1), d2l_like(2)
+    both = LoRA.concat([x, y], weights=[1.0, 0.5])
+    assert both.rank == 12 and both.bias_rows == 4
+    for name in NAMES:
+        bias = 2.0 * (x.weights[name][1][:, 4:].double() @ x.weights[name][0][4:].double())
+        expected = (x.delta(name) - bias) + 0.5 * (y.delta(name) - bias) + bias
+        assert torch.allclose(both.delta(name), expected, atol=1e-6)
+    padded = both.pad(16)
+    assert padded.bias_rows == 4 and torch.equal(padded.weights[NAMES[0]][0][-4:], both.weights[NAMES[0]][0][-4:])
+    assert LoRA.from_bytes(both.to_bytes()).bias_rows == 4

