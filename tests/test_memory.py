@@ -123,3 +123,13 @@ def test_forget_is_exact(mem):
     mem.absorb("Frank likes jazz.", user_id="frank")
     mem.absorb("Frank owns a red bike.", user_id="frank")
     assert mem.forget(user_id="frank") == 2 and mem.list("frank") == []
+
+
+def test_absorb_and_chat_from_two_threads(mem):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        absorbs = [pool.submit(mem.absorb, f"Gina's locker number is {n}.", "gina") for n in (11, 12)]
+        chats = [pool.submit(mem.chat, "What is Gina's locker number?", "gina", "adapter", 8) for _ in range(2)]
+        assert all(f.result().user_id == "gina" for f in absorbs)
+        assert all(isinstance(f.result(), str) for f in chats)

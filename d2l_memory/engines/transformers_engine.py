@@ -8,7 +8,6 @@ with the generation prompt; batches are left-padded so every row continues from 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -41,8 +40,9 @@ class TransformersEngine(Engine):
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self._eos = {int(t) for t in eos} | {self.tokenizer.eos_token_id}
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self._eos)
-        # The hooks live on the shared model for the length of a call: one call at a time.
-        self._lock = threading.Lock()
+        # The hooks live on the shared model for the length of a call: one call at a time, shared with
+        # the hypernetwork's encoder when it reads documents through the same model.
+        self._lock = self.loaded.lock
 
     def _lora(self, adapter: Adapter | None) -> LoRA | None:
         if adapter is None:

@@ -1,0 +1,167 @@
+"""`ChatD2L`: a LangChain chat model whose answers use one user's d2l-memory memories."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from pydantic import AliasChoices, Field
+
+from d2l_memory.engines import GenerationParams
+from d2l_memory.engines.base import render_chat
+from d2l_memory.memory import D2LMemory
+from langchain_d2l._utils import last_human, to_chat
+
+Mode = Literal["adapter", "context", "hybrid", "none"]
+
+# Per-call options (`model.invoke(msgs, mode="context")`, `.bind(user_id=...)`): they override the fields.
+CALL_OPTIONS = frozenset({"user_id", "mode", "k", "agent_id", "session_id", "max_tokens", "temperature", "top_p",
+                          "seed", "model"})
+
+
+class ChatD2L(BaseChatModel):
+    """Chat with the base model of a `D2LMemory`, answering from one user's memories.
+
+    Each call takes the last human message as the query: `D2LMemory.prepare` recalls the user's relevant
+    memories and, depending on `mode`, composes their adapters (`adapter`), puts their text in the prompt
+    (`context`), does both with the best memory (`hybrid`), or uses none (`none`). Earlier messages are
+    the history; messages after the last human one (e.g. tool results) follow the query. With no relevant
+    memory every mode is the untouched base model. The model reads memories; it never writes them (see
+    `D2LMemoryMiddleware` or `D2LMemory.absorb`).
+
+    Example:
+        ```python
+        from d2l_memory import D2LMemory
+        from langchain_d2l import ChatD2L
+
+        memory = D2LMemory("./memories")
+        memory.absorb("Alice's favorite color is teal.", user_id="alice")
+        llm = ChatD2L(memory=memory, user_id="alice", mode="context", max_tokens=32)
+        llm.invoke("What is my favorite color?").content
+        llm.invoke("...", user_id="bob")  # per-call options override the fields
+        ```
+
+    Not supported: tool calling, structured output, JSON mode and non-text inputs (the base model is a
+    135M-parameter chat model); `bind_tools` raises `NotImplementedError`.
+    """
+
+    memory: D2LMemory = Field(exclude=True, repr=False)
+    """Where memories live; its engine generates the answers."""
+    user_id: str
+    """Whose memories answer (validated by the store: letters, digits and `_ . : @ + / = -`)."""
+    mode: Mode = "adapter"
+    """How memories reach the model: `adapter`, `context`, `hybrid` or `none`."""
+    k: int | None = Field(None, ge=1)
+    """Memories recalled per call; None uses the memory's `config.k`."""
+    agent_id: str | None = None
+    """Narrow recall to one agent's memories."""
+    session_id: str | None = None
+    """Narrow recall to one session's memories."""
+    max_tokens: int = Field(64, ge=1, validation_alias=AliasChoices("max_tokens", "max_new_tokens"))
+    """Largest number of tokens generated (`max_new_tokens` is accepted as an alias)."""
+    temperature: float = Field(0.0, ge=0.0)
+    """Sampling temperature; 0 is greedy."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[str] | None = None
+    """The answer ends before the first of these strings."""
+    seed: int | None = None
+    streaming: bool = False
+    """Stream internally on `invoke` (kept for compatibility with other chat models)."""
+
+    @property
+    def _llm_type(self) -> str:
+        return "d2l-chat"
+
+    @property
+    def model_name(self) -> str:
+        """The base model that answers (the memory engine's model id)."""
+        return self.memory.engine.model_id
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        # The user and the store are part of the identity: a LangChain cache must never serve one
+        # user's answer to another.
+        return {"model_name": self.model_name, "store": self.memory.store.uri, "user_id": self.user_id,
+                "mode": self.mode, "k": self.k, "agent_id": self.agent_id, "session_id": self.session_id,
+                "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "stop": self.stop, "seed": self.seed}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(ls_provider="d2l", ls_model_name=kwargs.get("model") or self.model_name,
+                                 ls_model_type="chat", ls_temperature=kwargs.get("temperature", self.temperature),
+                                 ls_max_tokens=kwargs.get("max_tokens", self.max_tokens))
+        if ls_stop := stop or self.stop:
+            params["ls_stop"] = ls_stop
+        return params
+
+    # -- one request -------------------------------------------------------------------------------
+    def _options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(kwargs) - CALL_OPTIONS
+        if unknown:
+            raise TypeError(f"ChatD2L got unexpected call options {sorted(unknown)}; "
+                            f"expected some of {sorted(CALL_OPTIONS)}")
+        model = kwargs.get("model")
+        if model is not None and model != self.model_name:
+            raise ValueError(f"ChatD2L serves one base model ({self.model_name!r}); cannot switch to {model!r}")
+        fields = ("user_id", "mode", "k", "agent_id", "session_id", "max_tokens", "temperature", "top_p", "seed")
+        options = {name: kwargs.get(name, getattr(self, name)) for name in fields}
+        options["stop"] = tuple(stop if stop is not None else self.stop or ())
+        return options
+
+    def _request(self, messages: list[BaseMessage], options: dict[str, Any]) -> tuple[list[dict[str, str]], Any]:
+        """The engine request: `D2LMemory.prepare` on the last human message, history before it, and
+        the messages after it (tool results) appended."""
+        query = last_human(messages)
+        if query is None:
+            return to_chat(messages), None
+        scope = {name: options[name] for name in ("agent_id", "session_id") if options[name] is not None}
+        chat, adapter = self.memory.prepare(
+            to_chat(messages[query : query + 1])[0]["content"], options["user_id"], options["mode"],
+            options["k"], to_chat(messages[:query]), **scope)
+        return chat + to_chat(messages[query + 1 :]), adapter
+
+    @staticmethod
+    def _params(options: dict[str, Any]) -> GenerationParams:
+        return GenerationParams(max_new_tokens=options["max_tokens"], temperature=options["temperature"],
+                                top_p=options["top_p"], stop=options["stop"], seed=options["seed"])
+
+    def _metadata(self, chat: list[dict[str, str]], text: str, adapter: Any,
+                  options: dict[str, Any]) -> tuple[UsageMetadata, dict[str, Any]]:
+        # Counted with the base tokenizer: prompt tokens as every engine renders them; answer tokens by
+        # re-tokenizing the answer (equal to the generated count except at rare merge boundaries).
+        tokenizer = self.memory.d2l.base.tokenizer
+        n_in = len(render_chat(tokenizer, chat))
+        n_out = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+        usage = UsageMetadata(input_tokens=n_in, output_tokens=n_out, total_tokens=n_in + n_out)
+        return usage, {"model_name": self.model_name, "mode": options["mode"],
+                       "adapter": getattr(adapter, "name", None)}
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        options = self._options(stop, kwargs)
+        chat, adapter = self._request(messages, options)
+        text = self.memory.engine.generate(chat, adapter, self._params(options))
+        usage, metadata = self._metadata(chat, text, adapter, options)
+        message = AIMessage(content=text, usage_metadata=usage, response_metadata=metadata)
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        options = self._options(stop, kwargs)
+        chat, adapter = self._request(messages, options)
+        pieces = []
+        for piece in self.memory.engine.stream(chat, adapter, self._params(options)):
+            pieces.append(piece)
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+            if run_manager:
+                run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+        # One closing chunk carries the usage and metadata, so they are counted once when chunks are added.
+        usage, metadata = self._metadata(chat, "".join(pieces), adapter, options)
+        yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=metadata,
+                                                         chunk_position="last"))

@@ -1,0 +1,31 @@
+"""`ChatD2L` answering from memories on the real model (context mode answers; adapter mode is routed)."""
+
+import pytest
+from langchain_d2l import ChatD2L
+
+FACT = "Alice's favorite color is teal. Alice lives in Lisbon."
+QUESTION = "What is Alice's favorite color?"
+
+
+@pytest.fixture(scope="module")
+def alice(memory):
+    return memory.absorb(FACT, user_id="chat-alice")
+
+
+def test_context_mode_answers_from_the_users_memories_only(memory, alice):
+    llm = ChatD2L(memory=memory, user_id="chat-alice", mode="context", max_tokens=16)
+    answer = llm.invoke(QUESTION)
+    assert "teal" in answer.content.lower()
+    assert answer.usage_metadata["input_tokens"] > 20 and answer.response_metadata["mode"] == "context"
+    assert "teal" not in llm.invoke(QUESTION, user_id="chat-bob").content.lower()  # per-call user
+
+
+def test_adapter_mode_uses_the_composed_adapter_only_when_relevant(memory, alice):
+    # The shipped hypernetwork is barely trained: this checks the routing, not the answer's content.
+    llm = ChatD2L(memory=memory, user_id="chat-alice", mode="adapter", max_tokens=6)
+    answer = llm.invoke(QUESTION)
+    assert answer.response_metadata["adapter"].startswith("d2l-")
+    chunks = list(llm.stream(QUESTION))
+    assert "".join(c.content for c in chunks) == answer.content  # streaming gives the same greedy tokens
+    assert chunks[-1].chunk_position == "last" and chunks[-1].usage_metadata["output_tokens"] > 0
+    assert llm.invoke("How many legs does a spider have?").response_metadata["adapter"] is None
