@@ -11,8 +11,9 @@ import math
 
 from transformers import PreTrainedTokenizerBase
 
+from d2l_memory.prompts import CHUNK_TEMPLATE
+
 MARK = "\u2063D2L\u2063"  # an invisible separator no real document contains around "D2L"
-CONTEXT_TEMPLATE = "Context: {document}"
 
 
 def validate_text(text: object, what: str = "text") -> str:
@@ -42,7 +43,7 @@ def turn_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[in
     system prompt: ~30 tokens per chunk that would cost encoder time and carry nothing.
     """
     rendered = tokenizer.apply_chat_template(
-        [{"role": "system", "content": ""}, {"role": "user", "content": CONTEXT_TEMPLATE.format(document=MARK)}],
+        [{"role": "system", "content": ""}, {"role": "user", "content": CHUNK_TEMPLATE.format(document=MARK)}],
         tokenize=False,
     )
     before, after = rendered.split(MARK)

@@ -24,9 +24,9 @@ from d2l_memory.d2l import DocToLoRA
 from d2l_memory.engines import Engine, GenerationParams, make_engine
 from d2l_memory.home import home
 from d2l_memory.models import DEFAULT_MODEL, load_model
+from d2l_memory.prompts import QA_TEMPLATE
 from d2l_memory.store import MemoryStore, StoredMemory
 from d2l_memory.store.schema import KINDS
-from d2l_memory.training.teacher import TEACHER_TEMPLATE
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ class D2LMemory:
             [h.text for h in hits[:1] if h.text] if mode == "hybrid" else []
         content = message
         if snippets:
-            content = TEACHER_TEMPLATE.format(context=self._fit("\n\n".join(snippets)), question=message)
+            content = QA_TEMPLATE.format(context=self._fit("\n\n".join(snippets)), question=message)
         return [*map(dict, history), {"role": "user", "content": content}], adapter
 
     def _fit(self, text: str) -> str:

@@ -10,7 +10,6 @@ resident-set growth while internalizing: chunks are streamed, so it should stay 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -18,12 +17,11 @@ from d2l_memory.benchmarks.common import best_of, environment, peak_rss, table
 from d2l_memory.d2l import DocToLoRA, shipped_checkpoint
 from d2l_memory.hypernet import HypernetConfig
 from d2l_memory.models import DEFAULT_MODEL, load_model
-
-ESSAYS = Path(__file__).resolve().parents[3] / "shared" / "data" / "paul_graham_essays"
+from d2l_memory.training.data import shared_data
 
 
 def document(tokenizer, n_tokens: int) -> str:
-    text = " ".join(p.read_text() for p in sorted(ESSAYS.glob("*.txt")))
+    text = " ".join(p.read_text() for p in sorted((shared_data() / "paul_graham_essays").glob("*.txt")))
     while len(tokenizer(text, add_special_tokens=False)["input_ids"]) < n_tokens:
         text += " " + text
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]

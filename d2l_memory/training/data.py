@@ -12,13 +12,24 @@ LoCoMo, LongMemEval and the SQuAD v1.1 dev sample are benchmarks and never read 
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+def shared_data() -> Path:
+    """Where the data sets live: `$D2L_MEMORY_DATA`, else `shared/data` beside the repository checkout."""
+    if os.environ.get("D2L_MEMORY_DATA"):
+        return Path(os.environ["D2L_MEMORY_DATA"])
+    for candidate in (Path(__file__).resolve().parents[3] / "shared" / "data", Path("/work/shared/data")):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("the data sets were not found: set D2L_MEMORY_DATA to the folder that holds "
+                            "squad/, squadshifts/, paul_graham_essays/ ...")
+
 
 FIRST = ["Alice", "Bruno", "Chloe", "Dmitri", "Elena", "Farah", "Gustav", "Hana", "Ivan", "Julia", "Kenji",
          "Lena", "Marco", "Nadia", "Oscar", "Priya", "Quentin", "Rosa", "Samir", "Tara", "Umar", "Vera",
@@ -90,7 +101,7 @@ def fact_sample(rng: random.Random, max_facts: int = 3) -> Sample:
 
 
 def _essays() -> list[str]:
-    return [p.read_text() for p in sorted((SHARED / "paul_graham_essays").glob("*.txt"))]
+    return [p.read_text() for p in sorted((shared_data() / "paul_graham_essays").glob("*.txt"))]
 
 
 def needle_sample(rng: random.Random, essays: list[str], filler_chars: int) -> Sample:
@@ -144,10 +155,10 @@ def build_mix(n: int, seed: int, mix: dict[str, float], needle_chars: tuple[int,
     rng = random.Random(seed)
     pools: dict[str, list[Sample]] = {}
     if mix.get("squad"):
-        pools["squad"] = [s for f in TRAIN_FILES for s in squad_samples(SHARED / f, max_context_chars)
+        pools["squad"] = [s for f in TRAIN_FILES for s in squad_samples(shared_data() / f, max_context_chars)
                           if len(s.answer) <= max_answer_chars]
     if mix.get("fairytale"):
-        pools["fairytale"] = list(fairytale_samples(SHARED / "fairytaleqa" / "fairytaleqa_train.jsonl",
+        pools["fairytale"] = list(fairytale_samples(shared_data() / "fairytaleqa" / "fairytaleqa_train.jsonl",
                                                     max_context_chars))
     essays = _essays() if mix.get("needle") else []
     names, weights = zip(*[(k, v) for k, v in mix.items() if v > 0], strict=True)

@@ -26,7 +26,7 @@ import torch
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.functional import lora_applied
 from d2l_memory.lora import LoRA
-from d2l_memory.training.data import SHARED, Sample, control_questions, fact_sample, needle_sample, squad_samples
+from d2l_memory.training.data import Sample, control_questions, fact_sample, needle_sample, shared_data, squad_samples
 from d2l_memory.training.teacher import normalize, prompt_ids
 
 EVAL_SEED = 10_007  # disjoint from every training seed
@@ -97,14 +97,14 @@ def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 
     if "facts" in tasks:
         report["facts"] = evaluate_samples(d2l, [fact_sample(rng) for _ in range(n)], "contains", systems)
     if "needle" in tasks:
-        essays = [p.read_text() for p in sorted((SHARED / "paul_graham_essays").glob("*.txt"))]
+        essays = [p.read_text() for p in sorted((shared_data() / "paul_graham_essays").glob("*.txt"))]
         filler = " ".join(essays)
         for length in needle_lengths:
             samples = [needle_sample(rng, [filler], length * 4) for _ in range(max(4, n // 4))]
             fits = length <= d2l.max_positions - 256
             report[f"needle_{length}"] = evaluate_samples(d2l, samples, "contains", systems, fits_window=fits)
     if "squad" in tasks:
-        pool = list(squad_samples(SHARED / "squad" / "saipriya_dev-v1.1_sample.json"))
+        pool = list(squad_samples(shared_data() / "squad" / "saipriya_dev-v1.1_sample.json"))
         samples = random.Random(EVAL_SEED).sample(pool, min(n, len(pool)))
         scores = evaluate_samples(d2l, samples, "f1", systems)
         scores["adapter_over_icl"] = scores["adapter"] / scores["icl"] if scores.get("icl") else 0.0

@@ -28,9 +28,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from d2l_memory.models import LoadedModel
+from d2l_memory.prompts import QA_TEMPLATE
 from d2l_memory.training.data import Sample
-
-TEACHER_TEMPLATE = "Context: {context}\n\nUsing the context, answer briefly: {question}"
 
 
 def normalize(text: str) -> str:
@@ -41,7 +40,7 @@ def normalize(text: str) -> str:
 
 def prompt_ids(model: LoadedModel, question: str, context: str | None) -> list[int]:
     """Chat-template ids of the user turn plus the assistant header (teacher with context, student without)."""
-    content = question if context is None else TEACHER_TEMPLATE.format(context=context, question=question)
+    content = question if context is None else QA_TEMPLATE.format(context=context, question=question)
     return model.tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                                add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"]
