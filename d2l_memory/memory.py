@@ -42,7 +42,7 @@ class MemoryConfig(BaseModel):
     base_model: str = DEFAULT_MODEL
     hypernet: str | None = Field(None, description="hypernetwork checkpoint dir; None = the shipped one")
     keep_text: bool = Field(True, description="store source text (needed for context/hybrid modes)")
-    relevance_threshold: float = Field(0.3, ge=-1.0, le=1.0,
+    relevance_threshold: float = Field(0.2, ge=-1.0, le=1.0,
                                        description="memories less similar than this to the query are not used")
     k: int = Field(4, ge=1, description="memories recalled per chat turn")
     rank_budget: int = Field(64, ge=1, le=512, description="largest rank of a composed adapter (vLLM's "
