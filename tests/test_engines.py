@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from chats import BASE, COLOR, FRANCE, HELLO, SHORT
 
 from d2l_memory.compose import ComposedCache, Recipe
 from d2l_memory.engines import GenerationParams, make_engine
@@ -13,12 +14,6 @@ from d2l_memory.lora import LoRA
 
 pytestmark = pytest.mark.slow
 
-BASE = "smollm2-135m-instruct"
-FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-HELLO = [{"role": "user", "content": "Hi"}]
-COLOR = [{"role": "system", "content": "Answer in one sentence."},
-         {"role": "user", "content": "What color is the sky?"}]
-SHORT = GenerationParams(max_new_tokens=10)
 
 
 def random_lora(seed: int, std: float) -> LoRA:

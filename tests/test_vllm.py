@@ -17,19 +17,14 @@ import torch
 
 pytest.importorskip("vllm")
 
+from chats import BASE, COLOR, FRANCE, HELLO, SHORT
+
 from d2l_memory.compose import ComposedCache, Recipe
-from d2l_memory.engines import GenerationParams
 from d2l_memory.engines.resolver_plugin import D2LResolver, register
 from d2l_memory.engines.transformers_engine import TransformersEngine
 from d2l_memory.errors import AdapterError, EngineError
 from d2l_memory.lora import LoRA
 
-BASE = "smollm2-135m-instruct"
-FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-HELLO = [{"role": "user", "content": "Hi"}]
-COLOR = [{"role": "system", "content": "Answer in one sentence."},
-         {"role": "user", "content": "What color is the sky?"}]
-SHORT = GenerationParams(max_new_tokens=10)
 VECTOR = [1.0] + [0.0] * 383
 
 
