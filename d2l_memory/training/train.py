@@ -43,6 +43,8 @@ class TrainConfig(BaseModel):
     eval_data: Path = Path("runs/eval-data")
     out: Path = Path("runs/d2l")
     hypernet: HypernetConfig = Field(default_factory=HypernetConfig)
+    init_from: Path | None = Field(None, description="start a new run from these hypernetwork weights "
+                                   "(e.g. the shipped checkpoint); ignored when the run resumes")
     lr: float = 5e-4
     scaler_lr: float = 5e-3
     weight_decay: float = 0.01
@@ -210,6 +212,11 @@ def train(config: TrainConfig) -> None:
 
     base = load_model(config.hypernet.base_model)
     d2l = DocToLoRA.untrained(config.hypernet, base, seed=config.seed)
+    if config.init_from is not None:
+        start = DocToLoRA.from_pretrained(config.init_from, base=base)
+        if start.config != config.hypernet:
+            raise ValueError(f"{config.init_from} has another hypernetwork config than this run")
+        d2l.hypernet.load_state_dict(start.hypernet.state_dict())
     d2l.hypernet.train()
     opt = make_optimizer(d2l, config)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config))
