@@ -66,6 +66,11 @@ def test_resume_is_exact(shard_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     metrics = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    # A new run can start from those weights (how training continues on another machine).
+    train(_config(shard_dir, tmp_path / "continued", init_from=tmp_path / "straight" / "last", total_steps=1))
+    c = load_file(tmp_path / "continued" / "last" / "hypernet.safetensors")
+    # One step from `a` moves the B scalers less than the four steps that took them from zero to `a`.
+    assert 0 < (c["scaler_b"] - a["scaler_b"]).abs().max() < a["scaler_b"].abs().max()
     assert "usage_gap" in metrics[-1] and metrics[-1]["scaler_b"] > 0  # the B scalers left zero: it learns
 
 
