@@ -129,31 +129,24 @@ class DocToLoRA:
         return LoRA(weights, scale=self.config.scale, base_model=self.base.model_id, hypernet=self.checksum,
                     n_chunks=a_chunks.shape[0], bias_rows=self.config.rank if bias is not None else 0)
 
-    @torch.no_grad()
     def internalize(self, text: str) -> LoRA:
         """Turn `text` into an adapter: rank `(K+1) r` for K chunks (the +1 is the bias slot).
 
         Raises:
             TypeError / ValueError: `text` is not a non-empty str (see `chunking.validate_text`).
         """
-        chunks = self.chunks(text)
-        a_parts, b_parts = [], []
-        for start in range(0, len(chunks), self.chunk_batch):
-            a, b = self.chunk_factors(chunks[start : start + self.chunk_batch])
-            a_parts.append(a)
-            b_parts.append(b)
-        return self._assemble(torch.cat(a_parts), torch.cat(b_parts))
+        return self.internalize_batch([text])[0]
 
+    @torch.no_grad()
     def internalize_batch(self, texts: Sequence[str]) -> list[LoRA]:
-        """`internalize` for several texts (their chunks share forward passes)."""
+        """`internalize` for several texts (their chunks share forward passes, `chunk_batch` at a time)."""
         per_text = [self.chunks(t) for t in texts]
         flat = [c for chunks in per_text for c in chunks]
         a_parts, b_parts = [], []
-        with torch.no_grad():
-            for start in range(0, len(flat), self.chunk_batch):
-                a, b = self.chunk_factors(flat[start : start + self.chunk_batch])
-                a_parts.append(a)
-                b_parts.append(b)
+        for start in range(0, len(flat), self.chunk_batch):
+            a, b = self.chunk_factors(flat[start : start + self.chunk_batch])
+            a_parts.append(a)
+            b_parts.append(b)
         a_all, b_all = torch.cat(a_parts), torch.cat(b_parts)
         out, offset = [], 0
         for chunks in per_text:

@@ -106,6 +106,13 @@ def batch_factors(d2l: DocToLoRA, contexts: list[str], n_chunks: list[int]) -> t
     return factors, a, b
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a shuffle that depends only on (seed, epoch), so resume is exact."""
+    order = list(range(n))
+    random.Random(seed + epoch).shuffle(order)
+    return order
+
+
 def lr_lambda(config: TrainConfig):
     def f(step: int) -> float:
         if step < config.warmup_steps:
@@ -232,18 +239,21 @@ def train(config: TrainConfig) -> None:
         shards = ShardSet(config.data, meta["shards"])  # the epoch's exact data, for an exact resume
     data = shards.examples
     pool = [ex for ex in data if not ex["control"]]
-    order = list(range(len(data)))
-    random.Random(config.seed + epoch).shuffle(order)
+    order = epoch_order(len(data), config.seed, epoch)
     log = (config.out / "metrics.jsonl").open("a") if rank == 0 else None  # closed at the end of train()
     last_save = invocation_start = time.time()
+
+    def checkpoint() -> None:
+        save_checkpoint(last, d2l, opt, sched, {"step": step, "position": position, "epoch": epoch,
+                                                "elapsed": time.time() - started, "shards": shards.names})
+
     bar = tqdm(total=config.total_steps, initial=step, desc="meta-train", disable=rank != 0)
     while step < config.total_steps:
         if config.stop_at_step is not None and step >= config.stop_at_step:
             break
         if config.time_budget_minutes is not None and time.time() - invocation_start > config.time_budget_minutes * 60:
             if rank == 0:
-                save_checkpoint(last, d2l, opt, sched, {"step": step, "position": position, "epoch": epoch,
-                                                        "elapsed": time.time() - started, "shards": shards.names})
+                checkpoint()
             break
         opt.zero_grad(set_to_none=True)
         metrics = {"loss": 0.0, "l1": 0.0}
@@ -253,8 +263,7 @@ def train(config: TrainConfig) -> None:
                 epoch, position, shards = epoch + 1, 0, ShardSet(config.data)
                 data = shards.examples
                 pool = [ex for ex in data if not ex["control"]]
-                order = list(range(len(data)))
-                random.Random(config.seed + epoch).shuffle(order)
+                order = epoch_order(len(data), config.seed, epoch)
             idx = order[position + rank * config.batch_size : position + (rank + 1) * config.batch_size]
             position += config.batch_size * world
             examples = [data[i] for i in idx]
@@ -290,8 +299,7 @@ def train(config: TrainConfig) -> None:
             log.flush()
         ending = step in (config.total_steps, config.stop_at_step)
         if rank == 0 and (time.time() - last_save > config.checkpoint_minutes * 60 or ending):
-            save_checkpoint(last, d2l, opt, sched, {"step": step, "position": position, "epoch": epoch,
-                                                    "elapsed": time.time() - started, "shards": shards.names})
+            checkpoint()
             last_save = time.time()
     bar.close()
     if log:
