@@ -27,7 +27,7 @@ from d2l_memory.d2l import DocToLoRA
 from d2l_memory.functional import lora_applied
 from d2l_memory.lora import LoRA
 from d2l_memory.training.data import Sample, control_questions, fact_sample, needle_sample, shared_data, squad_samples
-from d2l_memory.training.teacher import normalize, prompt_ids
+from d2l_memory.training.teacher import greedy, normalize, prompt_ids
 
 EVAL_SEED = 10_007  # disjoint from every training seed
 
@@ -46,20 +46,15 @@ def token_f1(prediction: str, gold: str) -> float:
 def answer(d2l: DocToLoRA, questions: Sequence[str], contexts: Sequence[str | None],
            adapters: Sequence[LoRA | None], max_new_tokens: int = 32, batch: int = 8) -> list[str]:
     """Greedy answers; row i sees `contexts[i]` in its prompt (if any) and `adapters[i]` in its weights."""
-    base, tok = d2l.base, d2l.base.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    base = d2l.base
     out: list[str] = []
     for start in range(0, len(questions), batch):
         prompts = [prompt_ids(base, q, c) for q, c in zip(questions[start : start + batch],
                                                             contexts[start : start + batch], strict=True)]
-        width = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         rows = list(adapters[start : start + batch])
         with lora_applied(base.model, rows if any(r is not None for r in rows) else None):
-            generated = base.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                            do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id)
-        out += tok.batch_decode(generated[:, width:], skip_special_tokens=True)
+            generated = greedy(base, prompts, max_new_tokens)
+        out += base.tokenizer.batch_decode(generated, skip_special_tokens=True)
     return out
 
 
