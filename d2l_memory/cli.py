@@ -5,7 +5,9 @@ stdout with `--json` for scripts (records as `MemoryRecord.model_dump(mode="json
 Spinners and errors go to stderr, so stdout stays clean. User errors (the library's ValueError, TypeError
 and D2LMemoryError, and unreadable input files) print one red line and exit with code 2, like typer's own
 usage errors; `D2L_MEMORY_DEBUG=1` shows the traceback instead. Heavy modules (torch, transformers,
-LanceDB, vLLM) are imported inside the commands, so `d2l-memory --help` stays instant.
+LanceDB, vLLM) are imported inside the commands, so `d2l-memory --help` stays instant. The chat REPL's
+pieces (`open_memory`, `input_lines`, `stream_answer`, `print_records`, `print_error`) are public so that
+other terminal faces (the chatbot example) reuse them instead of copying them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -39,6 +41,10 @@ err = Console(stderr=True, highlight=False)
 
 BENCHMARKS = {
     "internalize": "d2l_memory.benchmarks.internalize",
+    "locomo": "d2l_memory.benchmarks.locomo",
+    "longmemeval": "d2l_memory.benchmarks.longmemeval",
+    "needle": "d2l_memory.benchmarks.needle",
+    "cost": "d2l_memory.benchmarks.cost",
 }
 # The library's choices, spelled out here so that `--help` needs no heavy import (tests/test_cli.py checks
 # they match `d2l_memory.store.schema.KINDS` and `d2l_memory.memory.MODES`).
@@ -88,7 +94,7 @@ def _user_errors() -> Iterator[None]:
 
 
 @contextmanager
-def _memory(store: str, engine: EngineName = "transformers", url: str | None = None) -> Iterator[D2LMemory]:
+def open_memory(store: str, engine: EngineName = "transformers", url: str | None = None) -> Iterator[D2LMemory]:
     """A `D2LMemory` on `store`, opened under a spinner and closed on the way out."""
     with err.status("Loading the model…"):
         from transformers.utils import logging as hf_logging
@@ -123,7 +129,7 @@ def _excerpt(text: str | None, width: int = 70) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def _print_records(records: list[MemoryRecord]) -> None:
+def print_records(records: list[MemoryRecord]) -> None:
     """Two lines a record: [score] id, kind, date, size; then its scope and the start of its text."""
     for r in records:
         line = Text(f"{r.score:.3f}  ", "bold") if r.score is not None else Text()
@@ -133,6 +139,46 @@ def _print_records(records: list[MemoryRecord]) -> None:
         scope = "".join(f"[{k}={v}] " for k, v in (("agent", r.agent_id), ("session", r.session_id)) if v)
         out.print(Text(f"  {scope}{_excerpt(r.text)}", "dim" if r.text is None else ""), no_wrap=True,
                   overflow="ellipsis")
+
+
+def stream_answer(stream: Iterator[str]) -> str:
+    """Print an answer to stdout as it streams (a spinner on stderr until the first piece); returns it whole."""
+    pieces: list[str] = []
+    status = err.status("Thinking…")
+    status.start()
+    try:
+        for piece in stream:
+            if not pieces:
+                status.stop()
+            pieces.append(piece)
+            typer.echo(piece, nl=False)
+    finally:
+        if isinstance(stream, Generator):
+            stream.close()  # an interrupted answer releases the engine now, not when collected
+        status.stop()
+        typer.echo()
+    return "".join(pieces)
+
+
+def input_lines(interactive: bool, prompt: str | Callable[[], str] = "[bold cyan]you›[/] ") -> Iterator[str]:
+    """A REPL's input, stripped, blank lines skipped: typed at `prompt` (rich markup, or a function that
+    returns it afresh for each line) until Ctrl-D or Ctrl-C, or read from stdin until it ends."""
+    while True:
+        try:
+            line = out.input(prompt() if callable(prompt) else prompt) if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                err.print()  # the prompt's line is left open
+            return
+        if not interactive and not line:  # end of piped input
+            return
+        if line.strip():
+            yield line.strip()
+
+
+def print_error(exc: BaseException | str) -> None:
+    """One red `error:` line on stderr, for a REPL that carries on after a user error."""
+    err.print(Text.assemble(("error: ", "bold red"), (str(exc), "red")))
 
 
 def _read_input(file: str) -> str:
@@ -225,7 +271,7 @@ def absorb(
         text = validate_text(_read_input(file), source)  # an empty file fails before the model loads
         meta = _metadata(metadata)
         transcript = _chat_transcript(text) if kind == "chat" else None
-        with _memory(store) as mem, err.status(f"Absorbing {escape(source)} ({len(text):,} characters)…"):
+        with open_memory(store) as mem, err.status(f"Absorbing {escape(source)} ({len(text):,} characters)…"):
             if transcript is not None:
                 records = mem.absorb_messages(transcript, user, agent_id=agent, session_id=session,
                                               segment_tokens=segment_tokens, metadata=meta)
@@ -252,14 +298,14 @@ def recall(
     json_: JsonOpt = False,
 ) -> None:
     """Show the user's memories most similar to QUERY, best first (no relevance gating)."""
-    with _user_errors(), _memory(store) as mem:
+    with _user_errors(), open_memory(store) as mem:
         hits = mem.recall(query, user, k, kind=kind, **_scope(agent, session))
     if json_:
         _echo_json(_records_json(hits))
     elif not hits:
         out.print(f"[dim]No memories of {escape(user)} found.[/]")
     else:
-        _print_records(hits)
+        print_records(hits)
 
 
 @app.command("list")
@@ -272,14 +318,14 @@ def list_memories(
     json_: JsonOpt = False,
 ) -> None:
     """List all of a user's memories, newest first."""
-    with _user_errors(), _memory(store) as mem:
+    with _user_errors(), open_memory(store) as mem:
         records = mem.list(user, kind=kind, **_scope(agent, session))
     if json_:
         _echo_json(_records_json(records))
     elif not records:
         out.print(f"[dim]{escape(user)} has no memories.[/]")
     else:
-        _print_records(records)
+        print_records(records)
         out.print(f"[dim]{len(records)} {'memory' if len(records) == 1 else 'memories'}[/]")
 
 
@@ -294,7 +340,7 @@ def forget(
     """Erase one memory (--id) or all of a user's (--user), including every adapter composed from them."""
     if (id_ is None) == (user is None):
         _fail("pass exactly one of --id or --user")
-    with _user_errors(), _memory(store) as mem:
+    with _user_errors(), open_memory(store) as mem:
         count = 1 if user is None else len(mem.list(user))
         if not yes and count:
             what = f"memory {id_}" if user is None else \
@@ -335,42 +381,16 @@ def chat(
             answer = mem.chat(text, user, mode, max_new_tokens, **kwargs)
             _echo_json({"user_id": user, "mode": mode, "message": text, "answer": answer}, indent=None)
             return answer
-        pieces: list[str] = []
-        status = err.status("Thinking…")
-        status.start()
-        stream = mem.stream(text, user, mode, max_new_tokens, **kwargs)
-        try:
-            for piece in stream:
-                if not pieces:
-                    status.stop()
-                pieces.append(piece)
-                typer.echo(piece, nl=False)
-        finally:
-            if isinstance(stream, Generator):
-                stream.close()  # an interrupted answer releases the engine now, not when collected
-            status.stop()
-            typer.echo()
-        return "".join(pieces)
+        return stream_answer(mem.stream(text, user, mode, max_new_tokens, **kwargs))
 
-    with _user_errors(), _memory(store, engine, url) as mem:
+    with _user_errors(), open_memory(store, engine, url) as mem:
         if message is not None:
             turn(mem, message)
             return
         interactive = sys.stdin.isatty() and not json_
         if interactive:
             err.print(f"[dim]Chatting with {escape(user)}'s memories in {mode} mode. Ctrl-D or /exit to quit.[/]")
-        while True:
-            try:
-                line = out.input("[bold cyan]you›[/] ") if interactive else sys.stdin.readline()
-            except (EOFError, KeyboardInterrupt):
-                if interactive:
-                    err.print()
-                break
-            if not interactive and not line:  # end of piped input
-                break
-            text = line.strip()
-            if not text:
-                continue
+        for text in input_lines(interactive):
             if interactive and text in EXIT_WORDS:
                 break
             try:
@@ -381,7 +401,7 @@ def chat(
             except (ValueError, TypeError) as exc:
                 if not interactive:
                     raise
-                err.print(Text.assemble(("error: ", "bold red"), (str(exc), "red")))
+                print_error(exc)
                 continue
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
 
