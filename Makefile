@@ -48,6 +48,10 @@ bench: $(STAMP)
 	$(BIN)/python -m d2l_memory.benchmarks.internalize --quick
 	$(BIN)/python -m d2l_memory.store.bench --quick
 	$(BIN)/python -m d2l_memory.engines.bench --quick
+	$(BIN)/d2l-memory bench locomo --quick
+	$(BIN)/d2l-memory bench longmemeval --quick
+	$(BIN)/d2l-memory bench needle --quick
+	$(BIN)/d2l-memory bench cost --quick
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict

@@ -1,0 +1,217 @@
+"""LongMemEval (oracle): chat-assistant memory questions, accuracy by question type for every memory system.
+
+    python -m d2l_memory.benchmarks.longmemeval [--quick] [--out result.json] [--plot docs/img/bench-longmemeval.png]
+
+Data: the oracle set (`longmemeval_oracle.json`, MIT): each question comes with only its evidence
+sessions. Per question, those sessions are cut into dated memories (as for LoCoMo) and absorbed for a
+user of its own; the full-history system reads all of them (most recent tokens that fit the window).
+The question is asked with its date, as the official prompt does.
+
+Metric: the official one is a GPT-4o judge, which a CPU-only, offline run cannot use. We report
+`accuracy` = the normalised gold answer appears in the answer (abstention questions, `_abs`: the answer
+says it does not know or that it was not mentioned), and token F1 next to it. Both are stricter than
+a judge on paraphrases; the same for every system.
+
+Sizes: `--quick` is 2 questions (the shortest of 2 types, CD as a smoke test); the reported size is a
+seeded sample of `FULL.per_type` questions of each of the 6 types, without CD (distilling a question's
+~25 memories takes about 40 minutes on this CPU; see the LoCoMo subset and SQuAD for CD).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from d2l_memory.benchmarks.common import (
+    HistoryReader,
+    absorb_timed,
+    ask,
+    bench_args,
+    distill_into_store,
+    environment,
+    memory_in_tempdir,
+    percentile,
+    save_json,
+    segments,
+    system_list,
+    table,
+)
+from d2l_memory.training.data import shared_data
+from d2l_memory.training.evaluate import token_f1
+from d2l_memory.training.teacher import normalize
+
+log = logging.getLogger(__name__)
+TYPES = ("single-session-user", "single-session-assistant", "single-session-preference", "multi-session",
+         "knowledge-update", "temporal-reasoning")
+ABSTAIN = ("not mention", "no information", "don't know", "do not know", "not sure", "cannot", "can't",
+           "no record", "not provided", "unknown", "didn't mention", "did not mention", "not available")
+
+
+class Size(BaseModel):
+    """How much of LongMemEval one run reads."""
+
+    per_type: int
+    types: tuple[str, ...] = TYPES
+    shortest: bool = False  # quick: the question with the shortest haystack per type, instead of a sample
+    max_new_tokens: int = 32
+    cd: bool = False  # per-document CD: about 1.5 min per 256-token memory here, ~25 memories per question
+    cd_steps: int = 20
+    cd_probes: int | None = None  # None: cd.py's probes; n: n generic probes (quick smoke test only)
+    seed: int = 0
+
+
+QUICK = Size(per_type=1, types=("single-session-assistant", "single-session-user"), shortest=True,
+             max_new_tokens=16, cd=True, cd_steps=2, cd_probes=2)
+FULL = Size(per_type=2, max_new_tokens=32)
+
+
+def load(path: Path | None = None) -> list[dict[str, Any]]:
+    """The 500 oracle questions."""
+    return json.loads((path or shared_data() / "longmemeval" / "longmemeval_oracle.json").read_text())
+
+
+def pick(data: list[dict[str, Any]], size: Size) -> list[dict[str, Any]]:
+    """`per_type` questions of each type: a seeded sample, or the shortest haystacks (quick)."""
+    rng = random.Random(size.seed)
+    chosen = []
+    for kind in size.types:
+        pool = [q for q in data if q["question_type"] == kind]
+        if size.shortest:
+            pool.sort(key=lambda q: sum(len(t["content"]) for s in q["haystack_sessions"] for t in s))
+            chosen += pool[: size.per_type]
+        else:
+            chosen += rng.sample(pool, min(size.per_type, len(pool)))
+    return chosen
+
+
+def sessions_of(item: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """`(header, turns)` per evidence session, in date order."""
+    pairs = sorted(zip(item["haystack_dates"], item["haystack_sessions"], strict=True), key=lambda p: p[0])
+    return [(f"DATE: {date}", [f"{t['role'].capitalize()}: {t['content'].strip()}" for t in session
+                               if t["content"].strip()]) for date, session in pairs]
+
+
+def correct(item: dict[str, Any], answer: str) -> float:
+    """1.0 if the answer holds the normalised gold answer (abstention: if it declines), else 0.0."""
+    if item["question_id"].endswith("_abs"):
+        return float(any(p in answer.lower() for p in ABSTAIN))
+    gold = normalize(str(item["answer"]))
+    return float(bool(gold) and gold in normalize(answer))
+
+
+def run(size: Size, systems: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Absorb each question's sessions, answer it with every system, score and time."""
+    systems = systems or system_list(size.cd)
+    records: list[dict[str, Any]] = []
+    with memory_in_tempdir() as mem:
+        tok = mem.d2l.base.tokenizer
+        for item in pick(load(), size):
+            user = f"q{item['question_id']}"
+            sessions = sessions_of(item)
+            texts = segments(sessions, tok, mem.config.segment_tokens)
+            history = "\n\n".join("\n".join([h, *turns]) for h, turns in sessions)
+            question = f"{item['question']} (Current date: {item['question_date']})"
+            absorb: dict[str, float] = {"full-history": 0.0, "none": 0.0}
+            if {"adapter", "hybrid", "rag"} & set(systems):
+                absorb["adapter"] = absorb["hybrid"] = sum(absorb_timed(mem, texts, user))
+                start = time.perf_counter()
+                mem.store.embedder.embed(texts)
+                absorb["rag"] = time.perf_counter() - start
+            if "cd" in systems:
+                absorb["cd"] = sum(distill_into_store(mem, texts, f"{user}-cd", size.cd_steps, probes=size.cd_probes))
+            log.info("%s: %d memories absorbed (%s)", user, len(texts),
+                     ", ".join(f"{k} {v:.0f} s" for k, v in absorb.items()))
+            for system in systems:
+                if system == "full-history":
+                    got = HistoryReader(mem.d2l.base, history, size.max_new_tokens).answer(question)
+                else:
+                    got = ask(mem, question, f"{user}-cd" if system == "cd" else user, system, size.max_new_tokens)
+                records.append({"question_id": item["question_id"], "type": item["question_type"],
+                                "gold": str(item["answer"]), "system": system, "answer": got.text,
+                                "correct": correct(item, got.text), "f1": token_f1(got.text, str(item["answer"])),
+                                "seconds": got.seconds, "prompt_tokens": got.prompt_tokens,
+                                "memories": len(texts), "absorb_s": absorb.get(system, 0.0),
+                                "history_tokens": len(tok(history, add_special_tokens=False)["input_ids"])})
+    return {"benchmark": "longmemeval", "environment": environment(), "size": size.model_dump(),
+            "systems": list(systems), "summary": summarize(records, systems), "records": records}
+
+
+def summarize(records: list[dict[str, Any]], systems: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Per system: accuracy overall and by type, F1, prompt tokens, latency and absorb cost per question."""
+    out = {}
+    for system in systems:
+        mine = [r for r in records if r["system"] == system]
+        out[system] = {
+            "accuracy": float(np.mean([r["correct"] for r in mine])), "f1": float(np.mean([r["f1"] for r in mine])),
+            "n": len(mine),
+            "by_type": {t: float(np.mean([r["correct"] for r in mine if r["type"] == t]))
+                        for t in TYPES if any(r["type"] == t for r in mine)},
+            "prompt_tokens": float(np.mean([r["prompt_tokens"] for r in mine])),
+            "p50_s": percentile([r["seconds"] for r in mine], 50),
+            "p95_s": percentile([r["seconds"] for r in mine], 95),
+            "absorb_s_per_question": float(np.mean([r["absorb_s"] for r in mine])),
+        }
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    """The Markdown table of a result."""
+    summary = result["summary"]
+    types = [t for t in TYPES if any(t in v["by_type"] for v in summary.values())]
+    rows = [[s, f"{v['accuracy']:.2f}", *(f"{v['by_type'][t]:.2f}" if t in v["by_type"] else "-" for t in types),
+             f"{v['f1']:.3f}", f"{v['prompt_tokens']:.0f}", f"{v['p50_s']:.1f} / {v['p95_s']:.1f}",
+             f"{v['absorb_s_per_question']:.1f}"] for s, v in summary.items()]
+    n = next(iter(summary.values()))["n"]
+    return (f"{result['environment']}\n\n"
+            + table(["system", f"accuracy (n={n})", *types, "token F1", "prompt tokens / query",
+                     "answer s p50 / p95", "absorb s / question"], rows))
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Accuracy by question type, one bar group per type, one bar per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = result["summary"]
+    types = [t for t in TYPES if any(t in v["by_type"] for v in summary.values())]
+    systems = list(summary)
+    width = 0.8 / len(systems)
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    for i, system in enumerate(systems):
+        xs = [j + i * width for j in range(len(types))]
+        ax.bar(xs, [summary[system]["by_type"].get(t, 0.0) for t in types], width, label=system)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(types))], [t.replace("-", "-\n", 1) for t in types],
+                  fontsize=8)
+    ax.set_ylabel("accuracy (gold answer contained)")
+    ax.set_ylim(0, 1)
+    ax.set_title("LongMemEval oracle by question type, SmolLM2-135M reader")
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = bench_args(__doc__.splitlines()[0], "2 questions (the shortest of 2 types)").parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    result = run(QUICK if args.quick else FULL)
+    print(render(result))
+    save_json(args.out, result)
+    if args.plot:
+        plot(result, args.plot)
+
+
+if __name__ == "__main__":
+    main()

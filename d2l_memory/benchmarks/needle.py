@@ -1,0 +1,132 @@
+"""Needle in a haystack up to 32k tokens, and SQuAD F1, through the meta-training evaluation (`run_eval`).
+
+    python -m d2l_memory.benchmarks.needle [--quick] [--out result.json] [--plot docs/img/bench-needle.png]
+
+Both tasks are `d2l_memory.training.evaluate.run_eval`'s, reused as they are: a secret code hidden at a
+random depth in Paul Graham essay filler of each length (exact match), and the SQuAD v1.1 dev sample
+(token F1, reported also as a fraction of the in-context score, the paper's normalisation). Systems:
+`adapter` (the document internalized, nothing in the prompt), `icl` (the document in the prompt, only
+where it fits the 8k window: that is the full-history system here), `none`, and `cd` (per-document
+context distillation, on SQuAD: its teacher must hold the document in its window). The Doc-to-LoRA
+paper's own figures (Gemma-2-2b-it reader, not ours) are printed beside ours.
+
+Sizes: `--quick` is 256-token needles (4) and 4 SQuAD questions; the reported size is `FULL`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from d2l_memory.benchmarks.common import bench_args, environment, save_json, table
+from d2l_memory.d2l import DocToLoRA
+from d2l_memory.training.evaluate import run_eval
+
+# The paper's figures (Charakorn et al. 2026, arXiv 2602.15902; reader gemma-2-2b-it, 8k window), as
+# digested in shared/reference/doc-to-lora.md. The NIAH curve has no per-length table in the paper.
+PAPER = {
+    "needle": "near-perfect exact recall up to about 40k tokens (5x the 8k window), above 0.5 at 128k; "
+              "the base model with the haystack in context fails beyond its window",
+    "squad_adapter_over_icl": 0.814,  # Table 2, D2L / in-context, SQuAD validation (token F1)
+    "squad_cd_over_icl": 0.988,  # Table 4, CD with the oracle (test) question, 100 SQuAD samples
+    "absorb_s": "under 1 s per document on a GPU (about 0.2 s batched)",
+}
+
+
+class Size(BaseModel):
+    """How much one run measures."""
+
+    needle_lengths: tuple[int, ...]
+    needle_n: int  # run_eval's n for the sweep: max(4, n // 4) needles per length
+    squad_n: int
+    cd_steps: int
+
+
+QUICK = Size(needle_lengths=(256,), needle_n=4, squad_n=4, cd_steps=0)  # CD only in the full size
+FULL = Size(needle_lengths=(512, 2048, 8192, 32768), needle_n=16, squad_n=24, cd_steps=20)
+
+
+def run(size: Size, d2l: DocToLoRA | None = None) -> dict[str, Any]:
+    """The sweep and SQuAD through `run_eval`; CD on SQuAD where this checkout's `run_eval` has it."""
+    d2l = d2l or DocToLoRA.from_pretrained()
+    start = time.perf_counter()
+    needle = run_eval(d2l, size.needle_n, size.needle_lengths, ("needle",))
+    needle_s = time.perf_counter() - start
+    extra = {"cd_steps": size.cd_steps} if size.cd_steps and "cd_steps" in inspect.signature(run_eval).parameters \
+        else {}
+    start = time.perf_counter()
+    squad = run_eval(d2l, size.squad_n, (), ("squad",), **extra)["squad"]
+    squad_s = time.perf_counter() - start
+    return {"benchmark": "needle", "environment": environment(), "size": size.model_dump(),
+            "needles_per_length": max(4, size.needle_n // 4), "needle": needle, "squad": squad,
+            "wall_s": {"needle": needle_s, "squad": squad_s}, "paper": PAPER}
+
+
+def render(result: dict[str, Any]) -> str:
+    """The two Markdown tables (sweep, SQuAD) of a result."""
+    rows = []
+    for task, scores in result["needle"].items():
+        rows.append([f"{int(task.split('_')[1]):,}", f"{scores['adapter']:.2f}",
+                     f"{scores['icl']:.2f}" if "icl" in scores else "n/a (over the window)",
+                     f"{scores['none']:.2f}", f"{scores.get('absorb_s', 0):.1f}"])
+    sweep = table(["haystack tokens", f"adapter (n={result['needles_per_length']})", "in context (icl)", "none",
+                   "absorb s / document"], rows)
+    s = result["squad"]
+    paper = result["paper"]
+    squad = table(
+        ["system", f"SQuAD token F1 (n={result['size']['squad_n']})", "/ in-context", "paper / in-context",
+         "seconds per document"],
+        [["adapter (ours)", f"{s['adapter']:.3f}", f"{s.get('adapter_over_icl', 0):.2f}",
+          f"{paper['squad_adapter_over_icl']:.3f}", f"{s.get('absorb_s', 0):.2f}"],
+         *([["cd", f"{s['cd']:.3f}", f"{s.get('cd_over_icl', 0):.2f}", f"{paper['squad_cd_over_icl']:.3f} (oracle "
+             "query)", f"{s.get('cd_s', 0):.1f}"]] if "cd" in s else []),
+         ["icl (document in the prompt)", f"{s['icl']:.3f}", "1.00", "1.000", "0"],
+         ["none", f"{s['none']:.3f}", f"{s['none'] / s['icl'] if s['icl'] else 0:.2f}", "-", "0"]])
+    return (f"{result['environment']}\n\n{sweep}\n\npaper (gemma-2-2b-it): {paper['needle']}\n\n{squad}")
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Needle exact match vs haystack length per system, with the window marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = result["needle"]
+    lengths = [int(t.split("_")[1]) for t in tasks]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for system, style in (("adapter", "o-"), ("icl", "s--"), ("none", "x:")):
+        points = [(n, tasks[t][system]) for n, t in zip(lengths, tasks, strict=True) if system in tasks[t]]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=system)
+    ax.axvline(8192, color="grey", lw=0.8)
+    ax.text(8192, 1.02, " 8k window", fontsize=8, color="grey")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("haystack tokens")
+    ax.set_ylabel("exact match")
+    ax.set_ylim(-0.05, 1.1)
+    ax.set_title("Needle in a haystack, SmolLM2-135M (paper, gemma-2-2b: ~1.0 to 40k)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = bench_args(__doc__.splitlines()[0], "4 needles at 256 tokens, 4 SQuAD questions").parse_args()
+    torch.set_num_threads(args.threads)
+    result = run(QUICK if args.quick else FULL)
+    print(render(result))
+    save_json(args.out, result)
+    if args.plot:
+        plot(result, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The memory benchmarks' quick sizes run end to end (real model, store and engine) and report every
+system with sane values; the scorers follow the papers' protocols."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from d2l_memory.benchmarks import common, locomo, longmemeval
+from d2l_memory.cli import BENCHMARKS, app
+
+
+def _systems() -> set[str]:
+    return set(common.SYSTEMS) if common.context_distiller() is not None else set(common.SYSTEMS) - {"cd"}
+
+
+def _run_main(module, tmp_path, monkeypatch, *extra: str) -> dict:
+    out = tmp_path / f"{module.__name__.rsplit('.', 1)[-1]}.json"
+    plot = tmp_path / "plot.png"
+    monkeypatch.setattr(sys, "argv", [module.__name__, "--quick", "--out", str(out), "--plot", str(plot), *extra])
+    module.main()
+    assert plot.stat().st_size > 10_000  # a real figure was drawn
+    return json.loads(out.read_text())
+
+
+def test_registry_names_every_benchmark_module():
+    for name in ("internalize", "locomo", "longmemeval", "needle", "cost"):
+        module = __import__(BENCHMARKS[name], fromlist=["main"])
+        assert callable(module.main)
+
+
+def test_locomo_scoring_follows_the_paper():
+    assert locomo.f1_score("Adoption agencies!", "adoption agencies") == 1.0
+    assert locomo.f1_score("the and", "x") == 0.0  # articles and "and" are dropped, as LoCoMo does
+    assert locomo.multi_f1("psychology, counseling", "Psychology, counseling certification") == pytest.approx(
+        (1.0 + 2 * 0.5 / 1.5) / 2)
+    qa = {"category": 5, "question": "q", "adversarial_answer": "a dog"}
+    question, options = locomo.prompt_for(qa, __import__("random").Random(0))
+    no_info = next(k for k, v in options.items() if v == locomo.NO_INFO)
+    assert "(a)" in question and "(b)" in question
+    assert locomo.score(qa, f"({no_info})", options) == 1.0
+    assert locomo.score(qa, "No information available.", options) == 1.0
+    assert locomo.score(qa, "I like turtles", options) == 0.0
+    assert locomo.score({"category": 3, "answer": "likely yes; she said so"}, "likely yes", {}) == 1.0
+
+
+def test_longmemeval_scoring():
+    assert longmemeval.correct({"question_id": "x", "answer": "over a year"}, "It took Over a year.") == 1.0
+    assert longmemeval.correct({"question_id": "x_abs", "answer": "n/a"}, "You did not mention that.") == 1.0
+    assert longmemeval.correct({"question_id": "x_abs", "answer": "n/a"}, "Blue.") == 0.0
+
+
+def test_history_is_cut_to_its_most_recent_tokens(base):
+    reader = common.HistoryReader(base, "old news. " * 3000 + "The code is 4711.", max_new_tokens=8)
+    assert reader.truncated and reader.history_tokens == reader.budget
+    got = reader.answer("What is the code?")
+    assert got.prompt_tokens <= 8192 - 8 and got.seconds >= reader.prefill_s
+    assert reader.answer("What is the code?").text == got.text  # the cache is back to the prefix each time
+
+
+@pytest.mark.slow
+def test_locomo_quick_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["bench", "locomo", "--quick"])
+    assert result.exit_code == 0, result.output
+    rows = {}
+    for line in result.output.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and cells[0] in common.SYSTEMS:
+            rows[cells[0]] = cells
+    assert set(rows) == _systems()
+    for cells in rows.values():
+        assert 0.0 <= float(cells[1]) <= 1.0  # F1 on categories 1-4
+        p50, p95 = map(float, cells[8].split(" / "))
+        assert p95 >= p50 > 0
+    # what separates the systems: the prompt each one pays for, and who pays at write time
+    tokens = {s: float(cells[7]) for s, cells in rows.items()}
+    assert tokens["none"] <= tokens["adapter"] < tokens["hybrid"] < tokens["full-history"]
+    assert tokens["adapter"] < tokens["rag"]
+    absorb = {s: float(cells[9]) for s, cells in rows.items()}
+    assert absorb["adapter"] > 0 and absorb["full-history"] == absorb["none"] == 0
+
+
+@pytest.mark.slow
+def test_longmemeval_quick_values(tmp_path, monkeypatch):
+    result = _run_main(longmemeval, tmp_path, monkeypatch)
+    summary = result["summary"]
+    assert set(summary) == _systems()
+    for row in summary.values():
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["n"] == len(longmemeval.QUICK.types)
+        assert set(row["by_type"]) == set(longmemeval.QUICK.types)
+    assert summary["adapter"]["prompt_tokens"] < summary["full-history"]["prompt_tokens"]
+
+
+@pytest.mark.slow
+def test_needle_quick_values(tmp_path, monkeypatch):
+    from d2l_memory.benchmarks import needle
+
+    result = _run_main(needle, tmp_path, monkeypatch)
+    sweep = result["needle"]["needle_256"]
+    assert {"adapter", "icl", "none"} <= set(sweep) and sweep["icl"] >= sweep["none"]
+    assert result["squad"]["icl"] > 0.2  # the model reads SQuAD passages in its prompt
+    assert all(0.0 <= result["squad"][s] <= 1.0 for s in ("adapter", "icl", "none"))
+
+
+@pytest.mark.slow
+def test_cost_quick_values(tmp_path, monkeypatch):
+    from d2l_memory.benchmarks import cost
+
+    result = _run_main(cost, tmp_path, monkeypatch)
+    b = result["bytes"]
+    assert b["kv_measured_bytes"] == b["kv_per_token"] * b["kv_measured_tokens"]  # the formula holds
+    rows = {r["tokens"]: r for r in b["rows"]}
+    assert rows[1024]["kv_bytes"] == 23_040 * 1024  # SmolLM2: 30 layers x 2 x 3 heads x 64 x bf16
+    assert rows[32768]["adapter_rank"] == 520 and rows[32768]["served_rank"] == 64
+    write = result["writes"][0]
+    assert write["absorb_s"] > 0 and (write["cd_s"] is None or write["cd_s"] > 0)
+    assert result["first_token_s"]["context_1024"] > result["first_token_s"]["adapter"]
