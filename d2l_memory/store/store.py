@@ -460,7 +460,8 @@ class MemoryStore:
 
         Args:
             query: text (embedded here) or a 384-d embedding.
-            user_id, agent_id, session_id, kind: the scope; only memories inside it are considered.
+            user_id: whose memories; with `agent_id`, `session_id` and `kind` the scope: only memories
+                inside it are considered.
             k: how many to return.
             hybrid: fuse full-text (BM25) and vector results with reciprocal rank fusion; needs the
                 query as text and a store that keeps text. The full-text index is built on first use.
