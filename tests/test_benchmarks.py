@@ -49,10 +49,12 @@ def test_locomo_scoring_follows_the_paper():
 
 def test_longmemeval_scoring():
     assert longmemeval.correct({"question_id": "x", "answer": "over a year"}, "It took Over a year.") == 1.0
+    assert longmemeval.correct({"question_id": "x", "answer": 7}, "I packed 741 shirts") == 0.0
     assert longmemeval.correct({"question_id": "x_abs", "answer": "n/a"}, "You did not mention that.") == 1.0
     assert longmemeval.correct({"question_id": "x_abs", "answer": "n/a"}, "Blue.") == 0.0
 
 
+@pytest.mark.slow
 def test_history_is_cut_to_its_most_recent_tokens(base):
     reader = common.HistoryReader(base, "old news. " * 3000 + "The code is 4711.", max_new_tokens=8)
     assert reader.truncated and reader.history_tokens == reader.budget
@@ -102,7 +104,7 @@ def test_needle_quick_values(tmp_path, monkeypatch):
     result = _run_main(needle, tmp_path, monkeypatch)
     sweep = result["needle"]["needle_256"]
     assert {"adapter", "icl", "none"} <= set(sweep) and sweep["icl"] >= sweep["none"]
-    assert result["squad"]["icl"] > 0.2  # the model reads SQuAD passages in its prompt
+    assert result["squad"]["icl"] >= result["squad"]["none"]  # the model reads SQuAD passages in its prompt
     assert all(0.0 <= result["squad"][s] <= 1.0 for s in ("adapter", "icl", "none"))
 
 

@@ -35,6 +35,7 @@ from d2l_memory.benchmarks.common import (
     environment,
     memory_in_tempdir,
     save_json,
+    smoke_probes,
     table,
 )
 from d2l_memory.benchmarks.internalize import document
@@ -49,6 +50,7 @@ class Size(BaseModel):
 
     write_tokens: tuple[int, ...]  # documents absorbed and distilled
     cd_steps: int
+    cd_probes: int | None = None  # None: cd.py's probes; n: n generic probes (quick smoke test only)
     kv_tokens: tuple[int, ...] = (1024, 8192, 32768)
     ttft_tokens: tuple[int, ...]
     repeats: int
@@ -56,8 +58,8 @@ class Size(BaseModel):
     store: bool = False
 
 
-QUICK = Size(write_tokens=(256,), cd_steps=2, ttft_tokens=(1024,), repeats=1, vllm=False)
-FULL = Size(write_tokens=(256, 1024), cd_steps=20, ttft_tokens=(1024, 4096, 7680), repeats=2, vllm=True)
+QUICK = Size(write_tokens=(256,), cd_steps=2, cd_probes=2, ttft_tokens=(1024,), repeats=1, vllm=False)
+FULL = Size(write_tokens=(256, 1024), cd_steps=20, ttft_tokens=(1024, 4096, 7680), repeats=1, vllm=True)
 
 
 def _first_token_s(engine: Any, messages: list[dict[str, str]], adapter: Any, repeats: int) -> float:
@@ -88,7 +90,7 @@ def run(size: Size) -> dict[str, Any]:
             cd_s = None
             if distill is not None:
                 start = time.perf_counter()
-                distill(d2l, text, steps=size.cd_steps)
+                distill(d2l, text, steps=size.cd_steps, **smoke_probes(size.cd_probes))
                 cd_s = time.perf_counter() - start
             writes.append({"tokens": n, "absorb_s": absorb_s, "cd_s": cd_s, "rank": record.rank})
         result["writes"] = writes
@@ -119,7 +121,7 @@ def run(size: Size) -> dict[str, Any]:
         # 3. first token, embedded engine
         adapter = d2l.internalize(document(base.tokenizer, 1024))
         question = [{"role": "user", "content": QUESTION}]
-        ttft = {"adapter": _first_token_s(mem.engine, question, adapter, size.repeats)}
+        ttft = {"adapter": _first_token_s(mem.engine, question, adapter, max(3, size.repeats))}
         for n in size.ttft_tokens:
             text = document(base.tokenizer, n)
             messages = [{"role": "user", "content": QA_TEMPLATE.format(context=text, question=QUESTION)}]
@@ -145,8 +147,9 @@ def _mib(n: float) -> str:
 
 def render(result: dict[str, Any]) -> str:
     """The Markdown tables of a result."""
-    steps = result["size"]["cd_steps"]
-    writes = table(["document tokens", "absorb s (ours)", f"context distillation s ({steps} steps)", "CD / absorb",
+    size = result["size"]
+    how = f"{size['cd_steps']} steps" + (f", {size['cd_probes']} probes: smoke test" if size.get("cd_probes") else "")
+    writes = table(["document tokens", "absorb s (ours)", f"context distillation s ({how})", "CD / absorb",
                     "adapter rank", "adapter MiB (bf16)"],
                    [[w["tokens"], f"{w['absorb_s']:.2f}", "-" if w["cd_s"] is None else f"{w['cd_s']:.1f}",
                      "-" if w["cd_s"] is None else f"{w['cd_s'] / w['absorb_s']:.0f}x", w["rank"],

@@ -81,15 +81,16 @@ def load(path: Path | None = None) -> list[dict[str, Any]]:
 def pick(data: list[dict[str, Any]], size: Size) -> list[dict[str, Any]]:
     """`per_type` questions of each type: a seeded sample, or the shortest haystacks (quick)."""
     rng = random.Random(size.seed)
-    chosen = []
+    per_kind = []
     for kind in size.types:
         pool = [q for q in data if q["question_type"] == kind]
         if size.shortest:
             pool.sort(key=lambda q: sum(len(t["content"]) for s in q["haystack_sessions"] for t in s))
-            chosen += pool[: size.per_type]
+            per_kind.append(pool[: size.per_type])
         else:
-            chosen += rng.sample(pool, min(size.per_type, len(pool)))
-    return chosen
+            per_kind.append(rng.sample(pool, min(size.per_type, len(pool))))
+    # round robin over the types, so that a run cut short has covered every type evenly
+    return [q for group in zip(*per_kind, strict=False) for q in group]
 
 
 def sessions_of(item: dict[str, Any]) -> list[tuple[str, list[str]]]:
@@ -100,17 +101,32 @@ def sessions_of(item: dict[str, Any]) -> list[tuple[str, list[str]]]:
 
 
 def correct(item: dict[str, Any], answer: str) -> float:
-    """1.0 if the answer holds the normalised gold answer (abstention: if it declines), else 0.0."""
+    """1.0 if the answer holds the normalised gold answer as whole tokens ("7" is not found in "741"),
+    for abstention questions if it declines; else 0.0."""
     if item["question_id"].endswith("_abs"):
         return float(any(p in answer.lower() for p in ABSTAIN))
-    gold = normalize(str(item["answer"]))
-    return float(bool(gold) and gold in normalize(answer))
+    gold, said = normalize(str(item["answer"])).split(), normalize(answer).split()
+    return float(bool(gold) and any(said[i : i + len(gold)] == gold for i in range(len(said) - len(gold) + 1)))
 
 
-def run(size: Size, systems: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Absorb each question's sessions, answer it with every system, score and time."""
+def rescore(result: dict[str, Any]) -> dict[str, Any]:
+    """A saved result scored again with this module's `correct` (same answers), e.g. after a scorer fix."""
+    for r in result["records"]:
+        r["correct"] = correct({"question_id": r["question_id"], "answer": r["gold"]}, r["answer"])
+    result["summary"] = summarize(result["records"], tuple(result["systems"]))
+    return result
+
+
+def run(size: Size, systems: tuple[str, ...] | None = None, out: Path | None = None) -> dict[str, Any]:
+    """Absorb each question's sessions, answer it with every system, score and time (the result so far is
+    saved to `out` after each question, so a run cut short still reports what it measured)."""
     systems = systems or system_list(size.cd)
     records: list[dict[str, Any]] = []
+
+    def result() -> dict[str, Any]:
+        return {"benchmark": "longmemeval", "environment": environment(), "size": size.model_dump(),
+                "systems": list(systems), "summary": summarize(records, systems), "records": records}
+
     with memory_in_tempdir() as mem:
         tok = mem.d2l.base.tokenizer
         for item in pick(load(), size):
@@ -140,8 +156,8 @@ def run(size: Size, systems: tuple[str, ...] | None = None) -> dict[str, Any]:
                                 "seconds": got.seconds, "prompt_tokens": got.prompt_tokens,
                                 "memories": len(texts), "absorb_s": absorb.get(system, 0.0),
                                 "history_tokens": len(tok(history, add_special_tokens=False)["input_ids"])})
-    return {"benchmark": "longmemeval", "environment": environment(), "size": size.model_dump(),
-            "systems": list(systems), "summary": summarize(records, systems), "records": records}
+            save_json(out, result())
+    return result()
 
 
 def summarize(records: list[dict[str, Any]], systems: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -203,10 +219,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    args = bench_args(__doc__.splitlines()[0], "2 questions (the shortest of 2 types)").parse_args()
+    parser = bench_args(__doc__.splitlines()[0], "2 questions (the shortest of 2 types)")
+    parser.add_argument("--rescore", type=Path, default=None, help="score a saved result again, run nothing")
+    args = parser.parse_args()
+    if args.rescore:
+        result = rescore(json.loads(args.rescore.read_text()))
+        print(render(result))
+        save_json(args.out, result)
+        if args.plot:
+            plot(result, args.plot)
+        return
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    result = run(QUICK if args.quick else FULL)
+    result = run(QUICK if args.quick else FULL, out=args.out)
     print(render(result))
     save_json(args.out, result)
     if args.plot:

@@ -48,7 +48,7 @@ class Size(BaseModel):
 
 
 QUICK = Size(needle_lengths=(256,), needle_n=4, squad_n=4, cd_steps=0)  # CD only in the full size
-FULL = Size(needle_lengths=(512, 2048, 8192, 32768), needle_n=16, squad_n=24, cd_steps=20)
+FULL = Size(needle_lengths=(512, 2048, 8192, 32768), needle_n=16, squad_n=16, cd_steps=20)
 
 
 def run(size: Size, d2l: DocToLoRA | None = None) -> dict[str, Any]:
