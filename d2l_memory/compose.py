@@ -173,6 +173,16 @@ class Composed:
         return LoRA.load_peft(self.path)
 
 
+def cache_root_for(store: str | Path) -> Path:
+    """The composed cache of one store: `home()/composed/<hash of its resolved location>`.
+
+    Every spelling of a local path maps to one root, so `forget` reaches all of the store's composed
+    adapters, and `d2l-memory serve --store` serves the very directory `D2LMemory` writes to.
+    """
+    location = str(store) if "://" in str(store) else str(Path(store).expanduser().resolve())
+    return home() / "composed" / hashlib.sha256(location.encode()).hexdigest()[:16]
+
+
 class ComposedCache:
     """Composed adapters as PEFT directories under `root`, least recently used evicted past `max_bytes`.
 

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,10 +18,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from d2l_memory.chunking import validate_text
-from d2l_memory.compose import ComposedCache, Recipe
+from d2l_memory.compose import ComposedCache, Recipe, cache_root_for
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.engines import Engine, GenerationParams, make_engine
-from d2l_memory.home import home
 from d2l_memory.models import DEFAULT_MODEL, load_model
 from d2l_memory.prompts import QA_TEMPLATE
 from d2l_memory.store import MemoryStore, StoredMemory
@@ -155,11 +153,7 @@ class D2LMemory:
         base = load_model(self.config.base_model)
         self.d2l = DocToLoRA.from_pretrained(self.config.hypernet, base=base)
         self.store = MemoryStore(path, keep_text=self.config.keep_text)
-        # One composed cache per store: keyed by the resolved location, so every spelling of a local path
-        # shares it and `forget` reaches all of its composed adapters.
-        location = str(path) if "://" in str(path) else str(Path(path).expanduser().resolve())
-        uri_key = hashlib.sha256(location.encode()).hexdigest()[:16]
-        self.cache = ComposedCache(home() / "composed" / uri_key, max_bytes=self.config.composed_cache_bytes)
+        self.cache = ComposedCache(cache_root_for(path), max_bytes=self.config.composed_cache_bytes)
         if isinstance(engine, Engine):
             self.engine = engine
         elif engine == "transformers":

@@ -11,9 +11,11 @@ import tempfile
 import time
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from d2l_memory import D2LMemory
+from d2l_memory.models import DEFAULT_MODEL, ensure_converted
 
 SESSION_1 = {
     "alice": [("user", "Hi! My name is Alice. My favorite color is teal and I live in Lisbon."),
@@ -30,10 +32,16 @@ SESSION_2 = {
 def main() -> None:
     console = Console()
     with tempfile.TemporaryDirectory() as path:
-        with console.status("Loading SmolLM2-135M-Instruct, the hypernetwork and the store..."):
-            start = time.perf_counter()
+        start = time.perf_counter()
+        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("SmolLM2-135M-Instruct: verify checksums (converted once on first run)", total=2)
+            ensure_converted(DEFAULT_MODEL)
+            progress.update(task, advance=1, description="Loading the model, the hypernetwork, the embedder, the store")
             mem = D2LMemory(path)
-        console.print(f"Ready in {time.perf_counter() - start:.1f} s (first run converts the model once).")
+            progress.advance(task)
+        console.print(f"Ready in {time.perf_counter() - start:.1f} s.")
         with mem:
             console.rule("Session 1: the users talk; each conversation is absorbed into adapters")
             for user, turns in SESSION_1.items():

@@ -3,16 +3,11 @@ LanceDB). Answers are kept to a few tokens; what is checked is the commands and 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from d2l_memory import D2LMemory
-
-# `examples` is a package beside `tests`, not an installed one: pytest puts only tests/ on the path.
-sys.path.insert(0, str(Path(__file__).parents[1]))
 from examples.chatbot.conversation import Conversation
 from examples.chatbot.terminal import repl
 

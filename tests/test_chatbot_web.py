@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import threading
 import time
 import urllib.error
@@ -23,9 +22,6 @@ import pytest
 import uvicorn
 
 from d2l_memory import D2LMemory
-
-# `examples` is a package beside `tests`, not an installed one: pytest puts only tests/ on the path.
-sys.path.insert(0, str(Path(__file__).parents[1]))
 from examples.chatbot.web import create_app
 
 CHROMIUM = "/usr/bin/chromium"

@@ -192,3 +192,28 @@ def test_a_cache_never_touches_a_cache_nested_under_its_root(tmp_path) -> None:
     outer.export(random_lora(2))
     outer.clear()
     assert outer.names() == [] and inner.get(entry.name) is not None
+
+
+def test_server_and_memory_share_the_store_cache(tmp_path, monkeypatch) -> None:
+    # `d2l-memory serve --store` (through the resolver's env) must serve the directory D2LMemory writes to.
+    from d2l_memory.compose import cache_root_for
+    from d2l_memory.engines.resolver_plugin import cache_from_env
+
+    monkeypatch.setenv("D2L_MEMORY_HOME", str(tmp_path / "home"))
+    store = tmp_path / "memories"
+    assert cache_root_for(store) == cache_root_for(f"{tmp_path}/./memories/")  # one root per store, any spelling
+    assert cache_root_for(store) != cache_root_for(tmp_path / "other")
+    monkeypatch.delenv("D2L_MEMORY_COMPOSED_DIR", raising=False)
+    monkeypatch.setenv("D2L_MEMORY_STORE_URI", str(store))
+    assert cache_from_env().root == cache_root_for(store)
+    monkeypatch.setenv("D2L_MEMORY_COMPOSED_DIR", str(tmp_path / "explicit"))
+    assert cache_from_env().root == tmp_path / "explicit"
+
+
+def test_server_engine_by_name_accepts_the_memory_targets() -> None:
+    # D2LMemory passes lora_target_modules to every vLLM engine; a running server's engine ignores it.
+    from d2l_memory.engines import make_engine
+
+    engine = make_engine("vllm-server", url="http://127.0.0.1:9", lora_target_modules=("down_proj",))
+    assert engine.url == "http://127.0.0.1:9"
+    engine.http.close()

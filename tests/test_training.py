@@ -83,3 +83,25 @@ def test_data_parallel_launch_with_torchrun(shard_dir, tmp_path):
                    check=True, env=env, capture_output=True, timeout=600)
     metrics = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["samples"] == 2 * 3 * 2  # steps x batch x ranks
+
+
+def test_context_distillation_fits_the_teacher_without_the_document(base):
+    # The CD baseline: a few Adam steps must lower the student's distillation loss on the teacher's answers.
+    from d2l_memory.d2l import DocToLoRA
+    from d2l_memory.training.cd import context_distill, teacher_examples
+    from d2l_memory.training.objective import per_example_loss, student_batch
+
+    d2l = DocToLoRA.from_pretrained(base=base)
+    doc = "My name is Oskar Lindqvist. My favourite fruit is the quince. I keep three ferrets called Pim, Pam and Pom."
+    examples = teacher_examples(d2l, doc, ["What is my favourite fruit?", "What are my ferrets called?"])
+    batch = student_batch(base, examples)
+    lora = context_distill(d2l, doc, steps=6, lr=3e-3, queries=[e["question"] for e in examples])
+    assert lora.rank == d2l.config.rank and set(lora.modules) == set(d2l.config.module_names())
+    assert lora.hypernet == "" and lora.base_model == base.model_id
+    factors = {name: lora.weights[name] for name in lora.modules}
+    with torch.no_grad():
+        before = per_example_loss(base, batch, {}, 1.0).mean().item()
+        after = per_example_loss(base, batch, factors, lora.scale).mean().item()
+    assert after < before - 0.1
+    with pytest.raises(ValueError):
+        context_distill(d2l, "   ", steps=1)

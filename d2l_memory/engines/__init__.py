@@ -38,8 +38,10 @@ def make_engine(kind: EngineKind = "transformers", model: str = DEFAULT_MODEL, *
     if kind == "vllm-server":
         from d2l_memory.engines.vllm_server import ServerConfig, VLLMServerEngine
 
+        # Which modules carry LoRA is the server's setting: given to one we start, moot for a running one.
+        targets = kw.pop("lora_target_modules", None)
         if "url" in kw:
             return VLLMServerEngine(model=model, **kw)
-        server = kw.pop("server", None) or ServerConfig(model=model)
+        server = kw.pop("server", None) or ServerConfig(model=model, lora_target_modules=targets)
         return VLLMServerEngine(server=server, model=model, **kw)
     raise ValueError(f"unknown engine kind {kind!r}; expected 'transformers', 'vllm' or 'vllm-server'")

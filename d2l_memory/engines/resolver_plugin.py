@@ -9,9 +9,9 @@ asks its registered resolvers. This one answers names of `ComposedCache` entries
    from the memory store (`D2L_MEMORY_STORE_URI`), so server replicas sharing the cache root and the
    store serve the same names.
 
-Configuration, read in the server process: `D2L_MEMORY_COMPOSED_DIR` (cache root, default
-`$D2L_MEMORY_HOME/composed`) and `D2L_MEMORY_STORE_URI` (the store; without it only cached entries
-resolve).
+Configuration, read in the server process: `D2L_MEMORY_COMPOSED_DIR` (cache root; by default the store's
+own, `compose.cache_root_for`, which `D2LMemory` writes to, else `$D2L_MEMORY_HOME/composed`) and
+`D2L_MEMORY_STORE_URI` (the store; without it only cached entries resolve).
 
 vLLM loads `register` through the `vllm.general_plugins` entry point. `python -m
 d2l_memory.engines.resolver_plugin <vllm serve arguments>` registers it and starts vLLM's OpenAI
@@ -29,7 +29,7 @@ from pathlib import Path
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
-from d2l_memory.compose import AdapterSource, Composed, ComposedCache, check_name
+from d2l_memory.compose import AdapterSource, Composed, ComposedCache, cache_root_for, check_name
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,11 @@ PREFIX = "d2l-"
 
 
 def cache_from_env() -> ComposedCache:
-    """The composed-adapter cache named by `D2L_MEMORY_COMPOSED_DIR` (default: `home()/composed`)."""
-    return ComposedCache(os.environ.get("D2L_MEMORY_COMPOSED_DIR") or None)
+    """The composed-adapter cache named by `D2L_MEMORY_COMPOSED_DIR`; by default the one `D2LMemory` uses
+    for the store at `D2L_MEMORY_STORE_URI`, else `home()/composed`."""
+    root = os.environ.get("D2L_MEMORY_COMPOSED_DIR")
+    store = os.environ.get("D2L_MEMORY_STORE_URI")
+    return ComposedCache(root or (cache_root_for(store) if store else None))
 
 
 @functools.cache

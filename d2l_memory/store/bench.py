@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from d2l_memory.benchmarks.common import environment
 from d2l_memory.lora import LoRA
 from d2l_memory.store.schema import MemoryInput
 from d2l_memory.store.store import MemoryStore
@@ -115,7 +116,7 @@ def _bench_one(root: Path, n: int, n_users: int, lora: LoRA, *, n_adds: int, n_s
 
 
 def run_store_bench(quick: bool, *, n_adds: int = 50, n_searches: int = 200, rank: int = 8,
-                    root: Path | None = None) -> list[dict[str, Any]]:
+                    root: Path | None = None, sizes: list[int] | None = None) -> list[dict[str, Any]]:
     """Run the benchmark; one dict of measurements per (size, users) setting.
 
     Args:
@@ -123,9 +124,10 @@ def run_store_bench(quick: bool, *, n_adds: int = 50, n_searches: int = 200, ran
             per adapter).
         rank: adapter rank (8: about 1 MB per adapter).
         root: where the temporary stores go (a temp dir by default; each is deleted after use).
+        sizes: the store sizes to run (overrides `quick`).
     """
     lora = bench_adapter(rank)
-    sizes = [1_000, 10_000] if quick else [1_000, 10_000, 100_000]
+    sizes = sizes or ([1_000, 10_000] if quick else [1_000, 10_000, 100_000])
     results = []
     for n in sizes:
         for n_users in (1, max(1, n // 100)):
@@ -154,12 +156,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1k and 10k memories only")
     parser.add_argument("--rank", type=int, default=8, help="adapter rank (8: about 1 MB per adapter)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=None, help="store sizes to run, e.g. 100000")
+    parser.add_argument("--root", type=Path, default=None, help="where the temporary stores go")
     args = parser.parse_args()
     size = len(bench_adapter(args.rank).to_bytes())
-    print(f"adapter: {size:,} bytes (rank {args.rank}, 30 x down_proj, bf16)")
+    print(f"adapter: {size:,} bytes (rank {args.rank}, 30 x down_proj, bf16); {environment()}")
     print(" | ".join(_COLUMNS))
     print(" | ".join("---" for _ in _COLUMNS))
-    run_store_bench(args.quick, rank=args.rank)
+    run_store_bench(args.quick, rank=args.rank, sizes=args.sizes, root=args.root)
 
 
 if __name__ == "__main__":

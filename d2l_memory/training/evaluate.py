@@ -4,8 +4,8 @@ Systems, each answering the same held-out questions greedily with the same base 
 - `adapter`: the document internalized by the hypernetwork, nothing about it in the prompt (ours);
 - `icl`: the document in the prompt (the upper reference, where it fits the window);
 - `none`: no document;
-- `cd`: per-document context distillation (a gradient-trained LoRA of the same rank and targets, timed),
-  when `cd_steps > 0`.
+- `cd`: per-document context distillation (`training/cd.py`: a gradient-trained LoRA of the same rank and
+  targets, timed), when `cd_steps > 0`.
 Tasks: `facts` (held-out synthetic personal facts, accuracy), `needle` (a code in essay filler at
 each length, exact match), `squad` (SQuAD v1.1 dev sample, token F1; reported normalised by ICL),
 `interference` (general questions with an unrelated document's adapter, accuracy vs the base model).
@@ -26,6 +26,7 @@ import torch
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.functional import lora_applied
 from d2l_memory.lora import LoRA
+from d2l_memory.training.cd import context_distill
 from d2l_memory.training.data import Sample, control_questions, fact_sample, needle_sample, shared_data, squad_samples
 from d2l_memory.training.teacher import greedy, normalize, prompt_ids
 
@@ -63,34 +64,43 @@ def _contains(prediction: str, gold: str) -> float:
 
 
 def evaluate_samples(d2l: DocToLoRA, samples: Sequence[Sample], metric: str, systems: Sequence[str],
-                     fits_window: bool = True) -> dict[str, float]:
-    """Score `systems` on `samples` with `metric` (`contains` or `f1`)."""
+                     fits_window: bool = True, cd_steps: int = 20) -> dict[str, float]:
+    """Score `systems` on `samples` with `metric` (`contains` or `f1`); adapter systems are timed per document."""
     score = _contains if metric == "contains" else token_f1
     questions = [s.question for s in samples]
     results: dict[str, float] = {}
-    adapters: list[LoRA | None] = []
-    if "adapter" in systems:
-        start = time.perf_counter()
-        adapters = [d2l.internalize(s.context) for s in samples]
-        results["absorb_s"] = (time.perf_counter() - start) / len(samples)
+    adapters: dict[str, list[LoRA | None]] = {}
+    makers = {"adapter": ("absorb_s", d2l.internalize),
+              "cd": ("cd_s", lambda text: context_distill(d2l, text, steps=cd_steps))}
+    for system, (timing, make) in makers.items():
+        if system in systems:
+            start = time.perf_counter()
+            adapters[system] = [make(s.context) for s in samples]
+            results[timing] = (time.perf_counter() - start) / len(samples)
     for system in systems:
         if system == "icl" and not fits_window:
             continue
         contexts = [s.context if system == "icl" else None for s in samples]
-        rows = adapters if system == "adapter" else [None] * len(samples)
+        rows = adapters.get(system, [None] * len(samples))
         answers = answer(d2l, questions, contexts, rows)
         results[system] = sum(score(a, s.answer) for a, s in zip(answers, samples, strict=True)) / len(samples)
     return results
 
 
 def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 2048, 8192),
-             tasks: Sequence[str] = ("facts", "needle", "squad", "interference")) -> dict[str, dict]:
-    """All tasks with `n` questions each (per needle length); returns `{task: {system: score}}`."""
+             tasks: Sequence[str] = ("facts", "needle", "squad", "interference"), cd_steps: int = 0) -> dict[str, dict]:
+    """All tasks with `n` questions each (per needle length); returns `{task: {system: score}}`.
+
+    With `cd_steps > 0` the per-document context-distillation baseline (`cd`) runs beside the others on
+    the facts and SQuAD tasks (its cost grows with document length; the needle sweep leaves it out).
+    """
     rng = random.Random(EVAL_SEED)
     report: dict[str, dict] = {}
     systems = ("adapter", "icl", "none")
+    with_cd = (*systems, "cd") if cd_steps > 0 else systems
     if "facts" in tasks:
-        report["facts"] = evaluate_samples(d2l, [fact_sample(rng) for _ in range(n)], "contains", systems)
+        report["facts"] = evaluate_samples(d2l, [fact_sample(rng) for _ in range(n)], "contains", with_cd,
+                                           cd_steps=cd_steps)
     if "needle" in tasks:
         essays = [p.read_text() for p in sorted((shared_data() / "paul_graham_essays").glob("*.txt"))]
         filler = " ".join(essays)
@@ -101,8 +111,10 @@ def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 
     if "squad" in tasks:
         pool = list(squad_samples(shared_data() / "squad" / "saipriya_dev-v1.1_sample.json"))
         samples = random.Random(EVAL_SEED).sample(pool, min(n, len(pool)))
-        scores = evaluate_samples(d2l, samples, "f1", systems)
+        scores = evaluate_samples(d2l, samples, "f1", with_cd, cd_steps=cd_steps)
         scores["adapter_over_icl"] = scores["adapter"] / scores["icl"] if scores.get("icl") else 0.0
+        if "cd" in scores:
+            scores["cd_over_icl"] = scores["cd"] / scores["icl"] if scores.get("icl") else 0.0
         report["squad"] = scores
     if "interference" in tasks:
         pairs = control_questions("eval")
@@ -124,10 +136,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=40)
     parser.add_argument("--tasks", nargs="*", default=["facts", "needle", "squad", "interference"])
     parser.add_argument("--needle-lengths", nargs="*", type=int, default=[512, 2048, 8192])
+    parser.add_argument("--cd-steps", type=int, default=0, help="also run the context-distillation baseline")
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     args = parser.parse_args()
     d2l = DocToLoRA.from_pretrained(args.checkpoint)
-    report = run_eval(d2l, args.n, args.needle_lengths, args.tasks)
+    report = run_eval(d2l, args.n, args.needle_lengths, args.tasks, args.cd_steps)
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
