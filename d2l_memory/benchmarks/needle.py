@@ -44,50 +44,66 @@ class Size(BaseModel):
     needle_lengths: tuple[int, ...]
     needle_n: int  # run_eval's n for the sweep: max(4, n // 4) needles per length
     squad_n: int
+    cd_n: int  # SQuAD documents CD distills (the first `cd_n` of the same seeded sample: about 1.5 min each)
     cd_steps: int
 
 
-QUICK = Size(needle_lengths=(256,), needle_n=4, squad_n=4, cd_steps=0)  # CD only in the full size
-FULL = Size(needle_lengths=(512, 2048, 8192, 32768), needle_n=16, squad_n=16, cd_steps=20)
+QUICK = Size(needle_lengths=(256,), needle_n=4, squad_n=4, cd_n=0, cd_steps=0)  # CD only in the full size
+FULL = Size(needle_lengths=(512, 2048, 8192, 32768), needle_n=16, squad_n=16, cd_n=8, cd_steps=20)
 
 
-def run(size: Size, d2l: DocToLoRA | None = None) -> dict[str, Any]:
-    """The sweep and SQuAD through `run_eval`; CD on SQuAD where this checkout's `run_eval` has it."""
+def run(size: Size, d2l: DocToLoRA | None = None, parts: tuple[str, ...] = ("sweep", "squad")) -> dict[str, Any]:
+    """The sweep and SQuAD through `run_eval`; CD on SQuAD where this checkout's `run_eval` has it.
+
+    `run_eval` samples SQuAD with a fixed seed, so its first `cd_n` questions are the first `cd_n` of the
+    `squad_n`: the CD row is scored on them, next to the other systems on the same subset.
+    """
     d2l = d2l or DocToLoRA.from_pretrained()
-    start = time.perf_counter()
-    needle = run_eval(d2l, size.needle_n, size.needle_lengths, ("needle",))
-    needle_s = time.perf_counter() - start
-    extra = {"cd_steps": size.cd_steps} if size.cd_steps and "cd_steps" in inspect.signature(run_eval).parameters \
-        else {}
-    start = time.perf_counter()
-    squad = run_eval(d2l, size.squad_n, (), ("squad",), **extra)["squad"]
-    squad_s = time.perf_counter() - start
-    return {"benchmark": "needle", "environment": environment(), "size": size.model_dump(),
-            "needles_per_length": max(4, size.needle_n // 4), "needle": needle, "squad": squad,
-            "wall_s": {"needle": needle_s, "squad": squad_s}, "paper": PAPER}
+    result: dict[str, Any] = {"benchmark": "needle", "environment": environment(), "size": size.model_dump(),
+                              "needles_per_length": max(4, size.needle_n // 4), "paper": PAPER, "wall_s": {}}
+    if "sweep" in parts:
+        start = time.perf_counter()
+        result["needle"] = run_eval(d2l, size.needle_n, size.needle_lengths, ("needle",))
+        result["wall_s"]["needle"] = time.perf_counter() - start
+    if "squad" in parts:
+        start = time.perf_counter()
+        result["squad"] = run_eval(d2l, size.squad_n, (), ("squad",))["squad"]
+        if size.cd_n and size.cd_steps and "cd_steps" in inspect.signature(run_eval).parameters:
+            result["squad_cd"] = run_eval(d2l, size.cd_n, (), ("squad",), cd_steps=size.cd_steps)["squad"]
+        result["wall_s"]["squad"] = time.perf_counter() - start
+    return result
 
 
 def render(result: dict[str, Any]) -> str:
-    """The two Markdown tables (sweep, SQuAD) of a result."""
-    rows = []
-    for task, scores in result["needle"].items():
-        rows.append([f"{int(task.split('_')[1]):,}", f"{scores['adapter']:.2f}",
-                     f"{scores['icl']:.2f}" if "icl" in scores else "n/a (over the window)",
-                     f"{scores['none']:.2f}", f"{scores.get('absorb_s', 0):.1f}"])
-    sweep = table(["haystack tokens", f"adapter (n={result['needles_per_length']})", "in context (icl)", "none",
-                   "absorb s / document"], rows)
-    s = result["squad"]
+    """The Markdown tables (sweep, SQuAD) of a result, for the parts it has."""
     paper = result["paper"]
-    squad = table(
-        ["system", f"SQuAD token F1 (n={result['size']['squad_n']})", "/ in-context", "paper / in-context",
-         "seconds per document"],
-        [["adapter (ours)", f"{s['adapter']:.3f}", f"{s.get('adapter_over_icl', 0):.2f}",
-          f"{paper['squad_adapter_over_icl']:.3f}", f"{s.get('absorb_s', 0):.2f}"],
-         *([["cd", f"{s['cd']:.3f}", f"{s.get('cd_over_icl', 0):.2f}", f"{paper['squad_cd_over_icl']:.3f} (oracle "
-             "query)", f"{s.get('cd_s', 0):.1f}"]] if "cd" in s else []),
-         ["icl (document in the prompt)", f"{s['icl']:.3f}", "1.00", "1.000", "0"],
-         ["none", f"{s['none']:.3f}", f"{s['none'] / s['icl'] if s['icl'] else 0:.2f}", "-", "0"]])
-    return (f"{result['environment']}\n\n{sweep}\n\npaper (gemma-2-2b-it): {paper['needle']}\n\n{squad}")
+    out = [result["environment"]]
+    if "needle" in result:
+        rows = [[f"{int(task.split('_')[1]):,}", f"{scores['adapter']:.2f}",
+                 f"{scores['icl']:.2f}" if "icl" in scores else "n/a (over the window)", f"{scores['none']:.2f}",
+                 f"{scores.get('absorb_s', 0):.1f}"] for task, scores in result["needle"].items()]
+        out += [table(["haystack tokens", f"adapter (n={result['needles_per_length']})", "in context (icl)", "none",
+                       "absorb s / document"], rows), f"paper (gemma-2-2b-it): {paper['needle']}"]
+    if "squad" in result:
+        s, n = result["squad"], result["size"]["squad_n"]
+
+        def row(name: str, scores: dict[str, float], key: str, paper_ratio: str, seconds: str, n: int) -> list:
+            ratio = scores[key] / scores["icl"] if scores.get("icl") else 0.0
+            return [name, n, f"{scores[key]:.3f}", f"{ratio:.2f}", paper_ratio, seconds]
+
+        rows = [row("adapter (ours)", s, "adapter", f"{paper['squad_adapter_over_icl']:.3f}",
+                    f"{s.get('absorb_s', 0):.2f}", n),
+                row("icl (document in the prompt)", s, "icl", "1.000", "0", n),
+                row("none", s, "none", "-", "0", n)]
+        if "squad_cd" in result:
+            c, m = result["squad_cd"], result["size"]["cd_n"]
+            rows += [row("cd (first questions of the same sample)", c, "cd",
+                         f"{paper['squad_cd_over_icl']:.3f} (oracle query)", f"{c.get('cd_s', 0):.1f}", m),
+                     row("adapter, same subset", c, "adapter", "", f"{c.get('absorb_s', 0):.2f}", m),
+                     row("icl, same subset", c, "icl", "", "0", m)]
+        out.append(table(["system", "n", "SQuAD token F1", "/ in-context", "paper / in-context",
+                          "seconds per document (write)"], rows))
+    return "\n\n".join(out)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -97,7 +113,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = result["needle"]
+    tasks = result.get("needle")
+    if not tasks:
+        return
     lengths = [int(t.split("_")[1]) for t in tasks]
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for system, style in (("adapter", "o-"), ("icl", "s--"), ("none", "x:")):
@@ -119,9 +137,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    args = bench_args(__doc__.splitlines()[0], "4 needles at 256 tokens, 4 SQuAD questions").parse_args()
+    parser = bench_args(__doc__.splitlines()[0], "4 needles at 256 tokens, 4 SQuAD questions")
+    parser.add_argument("--part", choices=("all", "sweep", "squad"), default="all",
+                        help="run only the needle sweep or only SQuAD (e.g. as two processes)")
+    args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = run(QUICK if args.quick else FULL)
+    result = run(QUICK if args.quick else FULL, parts=("sweep", "squad") if args.part == "all" else (args.part,))
     print(render(result))
     save_json(args.out, result)
     if args.plot:
