@@ -180,6 +180,7 @@ def score(qa: dict[str, Any], answer: str, options: dict[str, str]) -> float:
 def run(size: Size, systems: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Absorb each conversation into every system, answer the sampled questions, score and time them."""
     systems = systems or system_list(size.cd)
+    started = environment()  # the date and commit the run started from
     data = {s["sample_id"]: s for s in load()}
     records: list[dict[str, Any]] = []
     conversations: list[dict[str, Any]] = []
@@ -223,7 +224,7 @@ def run(size: Size, systems: tuple[str, ...] | None = None) -> dict[str, Any]:
                                     "gold": str(qa.get("answer", qa.get("adversarial_answer", ""))),
                                     "system": system, "answer": got.text, "score": score(qa, got.text, options),
                                     "seconds": got.seconds, "prompt_tokens": got.prompt_tokens})
-    return {"benchmark": "locomo", "environment": environment(), "size": size.model_dump(), "systems": list(systems),
+    return {"benchmark": "locomo", "environment": started, "size": size.model_dump(), "systems": list(systems),
             "conversations": conversations, "summary": summarize(records, conversations, systems),
             "records": records}
 

@@ -121,10 +121,11 @@ def run(size: Size, systems: tuple[str, ...] | None = None, out: Path | None = N
     """Absorb each question's sessions, answer it with every system, score and time (the result so far is
     saved to `out` after each question, so a run cut short still reports what it measured)."""
     systems = systems or system_list(size.cd)
+    started = environment()  # the date and commit the run started from
     records: list[dict[str, Any]] = []
 
     def result() -> dict[str, Any]:
-        return {"benchmark": "longmemeval", "environment": environment(), "size": size.model_dump(),
+        return {"benchmark": "longmemeval", "environment": started, "size": size.model_dump(),
                 "systems": list(systems), "summary": summarize(records, systems), "records": records}
 
     with memory_in_tempdir() as mem:
