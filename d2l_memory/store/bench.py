@@ -116,7 +116,8 @@ def _bench_one(root: Path, n: int, n_users: int, lora: LoRA, *, n_adds: int, n_s
 
 
 def run_store_bench(quick: bool, *, n_adds: int = 50, n_searches: int = 200, rank: int = 8,
-                    root: Path | None = None, sizes: list[int] | None = None) -> list[dict[str, Any]]:
+                    root: Path | None = None, sizes: list[int] | None = None,
+                    settings: tuple[str, ...] = ("one", "many")) -> list[dict[str, Any]]:
     """Run the benchmark; one dict of measurements per (size, users) setting.
 
     Args:
@@ -125,12 +126,13 @@ def run_store_bench(quick: bool, *, n_adds: int = 50, n_searches: int = 200, ran
         rank: adapter rank (8: about 1 MB per adapter).
         root: where the temporary stores go (a temp dir by default; each is deleted after use).
         sizes: the store sizes to run (overrides `quick`).
+        settings: "one" (every memory is one user's) and/or "many" (100 memories per user).
     """
     lora = bench_adapter(rank)
     sizes = sizes or ([1_000, 10_000] if quick else [1_000, 10_000, 100_000])
     results = []
     for n in sizes:
-        for n_users in (1, max(1, n // 100)):
+        for n_users in [{"one": 1, "many": max(1, n // 100)}[s] for s in settings]:
             work = Path(tempfile.mkdtemp(prefix="d2l-store-bench-", dir=root))
             try:
                 result = _bench_one(work, n, n_users, lora, n_adds=n_adds, n_searches=n_searches)
@@ -158,12 +160,14 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8, help="adapter rank (8: about 1 MB per adapter)")
     parser.add_argument("--sizes", type=int, nargs="*", default=None, help="store sizes to run, e.g. 100000")
     parser.add_argument("--root", type=Path, default=None, help="where the temporary stores go")
+    parser.add_argument("--users", nargs="*", choices=["one", "many"], default=["one", "many"],
+                        help="one user holding every memory, and/or 100 memories per user")
     args = parser.parse_args()
     size = len(bench_adapter(args.rank).to_bytes())
     print(f"adapter: {size:,} bytes (rank {args.rank}, 30 x down_proj, bf16); {environment()}")
     print(" | ".join(_COLUMNS))
     print(" | ".join("---" for _ in _COLUMNS))
-    run_store_bench(args.quick, rank=args.rank, sizes=args.sizes, root=args.root)
+    run_store_bench(args.quick, rank=args.rank, sizes=args.sizes, root=args.root, settings=tuple(args.users))
 
 
 if __name__ == "__main__":
