@@ -174,6 +174,8 @@ def summarize(records: list[dict[str, Any]], systems: tuple[str, ...]) -> dict[s
             "n": len(mine),
             "by_type": {t: float(np.mean([r["correct"] for r in mine if r["type"] == t]))
                         for t in TYPES if any(r["type"] == t for r in mine)},
+            "f1_by_type": {t: float(np.mean([r["f1"] for r in mine if r["type"] == t]))
+                           for t in TYPES if any(r["type"] == t for r in mine)},
             "prompt_tokens": float(np.mean([r["prompt_tokens"] for r in mine])),
             "p50_s": percentile([r["seconds"] for r in mine], 50),
             "p95_s": percentile([r["seconds"] for r in mine], 95),
@@ -196,7 +198,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Accuracy by question type, one bar group per type, one bar per system."""
+    """Accuracy and token F1 by question type: one bar group per type, one bar per system."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,16 +208,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
     types = [t for t in TYPES if any(t in v["by_type"] for v in summary.values())]
     systems = list(summary)
     width = 0.8 / len(systems)
-    fig, ax = plt.subplots(figsize=(10, 3.8))
-    for i, system in enumerate(systems):
-        xs = [j + i * width for j in range(len(types))]
-        ax.bar(xs, [summary[system]["by_type"].get(t, 0.0) for t in types], width, label=system)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(types))], [t.replace("-", "-\n", 1) for t in types],
-                  fontsize=8)
-    ax.set_ylabel("accuracy (gold answer contained)")
-    ax.set_ylim(0, 1)
-    ax.set_title("LongMemEval oracle by question type, SmolLM2-135M reader")
-    ax.legend(fontsize=8, ncol=3)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    for ax, key, label in ((axes[0], "by_type", "accuracy (gold answer in the answer)"),
+                           (axes[1], "f1_by_type", "token F1")):
+        for i, system in enumerate(systems):
+            xs = [j + i * width for j in range(len(types))]
+            ax.bar(xs, [summary[system].get(key, {}).get(t, 0.0) for t in types], width, label=system)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(types))], [t.replace("-", "-\n", 1) for t in types],
+                      fontsize=7)
+        ax.set_ylabel(label)
+        ax.set_ylim(0, 1 if key == "by_type" else None)
+    axes[0].set_title(f"LongMemEval oracle, n={summary[systems[0]]['n']}, SmolLM2-135M reader", fontsize=9)
+    axes[1].legend(fontsize=7, ncol=3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
