@@ -214,7 +214,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for i, system in enumerate(systems):
             xs = [j + i * width for j in range(len(types))]
             ax.bar(xs, [summary[system].get(key, {}).get(t, 0.0) for t in types], width, label=system)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(types))], [t.replace("-", "-\n", 1) for t in types],
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(types))], [t.replace("-", "-\n") for t in types],
                       fontsize=7)
         ax.set_ylabel(label)
         ax.set_ylim(0, 1 if key == "by_type" else None)
