@@ -136,7 +136,8 @@ def ask(mem: D2LMemory, question: str, user_id: str, system: str, max_new_tokens
 
 class HistoryReader:
     """The full-history baseline: `history` in the prompt (the `context` modes' format), cut to its most
-    recent tokens so that the prompt, a question of up to `question_tokens` and the answer fit the window.
+    recent tokens so that the prompt, a question of up to `question_tokens` and the answer fit the window
+    (the model's, or a smaller `window`).
 
     The history prefix is prefilled once and its KV cache reused for every question (cropped back after
     each): the tokens and answers are those of a cold query, computed once. `answer` reports the latency
@@ -144,7 +145,8 @@ class HistoryReader:
     without a prefix cache (vLLM on CPU has none here) every query pays the whole prefill.
     """
 
-    def __init__(self, base: LoadedModel, history: str, max_new_tokens: int, question_tokens: int = 96) -> None:
+    def __init__(self, base: LoadedModel, history: str, max_new_tokens: int, question_tokens: int = 96,
+                 window: int | None = None) -> None:
         self.base, self.max_new_tokens = base, max_new_tokens
         tok = base.tokenizer
         marker = "\u2063HISTORY\u2063"
@@ -154,7 +156,7 @@ class HistoryReader:
         before, rest = rendered.split(marker)
         self._middle, self._after = rest.split("\u2063Q\u2063")
         self._before = tok(before, add_special_tokens=False)["input_ids"]
-        window = int(getattr(base.model.config, "max_position_embeddings", 8192))
+        window = window or int(getattr(base.model.config, "max_position_embeddings", 8192))
         fixed = len(self._before) + len(self._encode(self._middle + self._after)) + question_tokens
         ids = self._encode(history)
         self.budget = window - fixed - max_new_tokens

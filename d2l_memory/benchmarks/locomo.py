@@ -12,7 +12,7 @@ categories 1-4 are scored by token F1 (category 1 partial F1 over comma-separate
 on the answer before ';'), category 5 by whether the answer picks "No information available". Unlike the
 paper we do not Porter-stem tokens (no nltk dependency): the same for every system, a little lower for all.
 
-Sizes (`SIZES`): `--quick` is the first 2 sessions of conv-26 and 5 questions about them; `full` (reported)
+Sizes (`SIZES`): `--quick` is the first session of conv-26 and 3 questions about it; `full` (reported)
 is the whole of conv-26 (about 14k tokens, twice the window) and a seeded sample of its questions, without
 CD, which cannot distill a whole conversation in time on this CPU; `--size subset` (reported) runs every
 system, CD included, on sessions 1-3 of conv-26 and all 25 questions about them.
@@ -71,8 +71,8 @@ class Size(BaseModel):
 
 
 SIZES = {
-    # CI: the first 2 sessions of conv-26, 5 questions; CD as a smoke test (2 probes, 2 steps)
-    "quick": Size(conversations=("conv-26",), sessions=2, questions=4, adversarial=1, max_new_tokens=16, cd=True,
+    # CI: the first session of conv-26 (3 memories), 3 questions; CD as a smoke test (2 probes, 2 steps)
+    "quick": Size(conversations=("conv-26",), sessions=1, questions=3, adversarial=0, max_new_tokens=16, cd=True,
                   cd_steps=2, cd_probes=2),
     # reported: all of conv-26 (about 2x the window), a seeded sample of its questions. CD is left out:
     # distilling its ~60 memories would take about 1.5 hours on this 2-core CPU (see `subset`).
@@ -300,7 +300,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    parser = bench_args(__doc__.splitlines()[0], "first 2 sessions of conv-26, 5 questions (= --size quick)")
+    parser = bench_args(__doc__.splitlines()[0], "first session of conv-26, 3 questions (= --size quick)")
     parser.add_argument("--size", choices=sorted(SIZES), default="full", help="full (default), subset or quick")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
