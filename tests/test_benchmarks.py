@@ -14,7 +14,7 @@ from d2l_memory.cli import BENCHMARKS, app
 
 
 def _systems() -> set[str]:
-    return set(common.SYSTEMS) if common.context_distiller() is not None else set(common.SYSTEMS) - {"cd"}
+    return set(common.SYSTEMS)
 
 
 def _run_main(module, tmp_path, monkeypatch, *extra: str) -> dict:

@@ -24,6 +24,7 @@ import torch
 from d2l_memory.engines.base import GenerationParams, render_chat
 from d2l_memory.lora import LoRA
 from d2l_memory.prompts import QA_TEMPLATE
+from d2l_memory.training.cd import GENERIC_PROBES, context_distill
 
 if TYPE_CHECKING:
     from d2l_memory.memory import D2LMemory
@@ -198,14 +199,22 @@ class HistoryReader:
         return [eos] if isinstance(eos, int) else list(eos or [])
 
 
-def context_distiller() -> Callable[..., LoRA] | None:
-    """`d2l_memory.training.cd.context_distill` if this checkout has it, else None (the `cd` column is
-    then reported as not run)."""
-    try:
-        from d2l_memory.training.cd import context_distill
-    except ImportError:
-        return None
-    return context_distill
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (benchmarks draw PNGs, never windows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out `fig`, write it as a PNG to `path` (parents created) and free it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
 
 
 def smoke_probes(n: int | None) -> dict[str, Any]:
@@ -213,8 +222,6 @@ def smoke_probes(n: int | None) -> dict[str, Any]:
     harness, about 5x cheaper than CD's default probes and not a measurement of CD); None: the default."""
     if n is None:
         return {}
-    from d2l_memory.training.cd import GENERIC_PROBES
-
     return {"queries": list(GENERIC_PROBES[:n])}
 
 
@@ -223,14 +230,11 @@ def distill_into_store(mem: D2LMemory, texts: Sequence[str], user_id: str, steps
     """The `cd` system's absorb: one context-distilled LoRA per memory text, stored for `user_id` like
     any adapter (tagged with the hypernetwork's checksum so that the same recall/compose path serves it).
     Returns the seconds each distillation took (the store write excluded, as for `absorb_timed`)."""
-    distill = context_distiller()
-    if distill is None:
-        raise RuntimeError("d2l_memory.training.cd is not available")
     seconds = []
     tok = mem.d2l.base.tokenizer
     for i, text in enumerate(texts):
         start = time.perf_counter()
-        lora = distill(mem.d2l, text, steps=steps, seed=i, **smoke_probes(probes))
+        lora = context_distill(mem.d2l, text, steps=steps, seed=i, **smoke_probes(probes))
         seconds.append(time.perf_counter() - start)
         lora = LoRA(lora.weights, scale=lora.scale, base_model=mem.d2l.base.model_id, hypernet=mem.d2l.checksum,
                     n_chunks=lora.n_chunks, bias_rows=lora.bias_rows)
@@ -284,5 +288,5 @@ def bench_args(description: str, quick_help: str) -> argparse.ArgumentParser:
 
 
 def system_list(cd: bool) -> tuple[str, ...]:
-    """The systems a run compares: all, less `cd` when the size leaves it out or this checkout lacks it."""
-    return tuple(s for s in SYSTEMS if s != "cd" or (cd and context_distiller() is not None))
+    """The systems a run compares: all, less `cd` when the size leaves it out."""
+    return tuple(s for s in SYSTEMS if s != "cd" or cd)

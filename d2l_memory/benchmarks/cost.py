@@ -31,9 +31,10 @@ from pydantic import BaseModel
 
 from d2l_memory.benchmarks.common import (
     bench_args,
-    context_distiller,
     environment,
     memory_in_tempdir,
+    pyplot,
+    save_figure,
     save_json,
     smoke_probes,
     table,
@@ -41,6 +42,7 @@ from d2l_memory.benchmarks.common import (
 from d2l_memory.benchmarks.internalize import document
 from d2l_memory.engines.base import GenerationParams
 from d2l_memory.prompts import QA_TEMPLATE
+from d2l_memory.training.cd import context_distill
 
 QUESTION = "What is the main point of the text?"
 
@@ -76,7 +78,6 @@ def _first_token_s(engine: Any, messages: list[dict[str, str]], adapter: Any, re
 def run(size: Size) -> dict[str, Any]:
     """All measurements of `size`; returns them as one dict."""
     result: dict[str, Any] = {"benchmark": "cost", "environment": environment(), "size": size.model_dump()}
-    distill = context_distiller()
     with memory_in_tempdir() as mem:
         base, d2l = mem.d2l.base, mem.d2l
         cfg = d2l.config
@@ -87,11 +88,9 @@ def run(size: Size) -> dict[str, Any]:
             start = time.perf_counter()
             record = mem.absorb(text, "cost", "document")
             absorb_s = time.perf_counter() - start
-            cd_s = None
-            if distill is not None:
-                start = time.perf_counter()
-                distill(d2l, text, steps=size.cd_steps, **smoke_probes(size.cd_probes))
-                cd_s = time.perf_counter() - start
+            start = time.perf_counter()
+            context_distill(d2l, text, steps=size.cd_steps, **smoke_probes(size.cd_probes))
+            cd_s = time.perf_counter() - start
             writes.append({"tokens": n, "absorb_s": absorb_s, "cd_s": cd_s, "rank": record.rank})
         result["writes"] = writes
 
@@ -151,9 +150,8 @@ def render(result: dict[str, Any]) -> str:
     how = f"{size['cd_steps']} steps" + (f", {size['cd_probes']} probes: smoke test" if size.get("cd_probes") else "")
     writes = table(["document tokens", "absorb s (ours)", f"context distillation s ({how})", "CD / absorb",
                     "adapter rank", "adapter MiB (bf16)"],
-                   [[w["tokens"], f"{w['absorb_s']:.2f}", "-" if w["cd_s"] is None else f"{w['cd_s']:.1f}",
-                     "-" if w["cd_s"] is None else f"{w['cd_s'] / w['absorb_s']:.0f}x", w["rank"],
-                     _mib(w["adapter_bytes"])] for w in result["writes"]])
+                   [[w["tokens"], f"{w['absorb_s']:.2f}", f"{w['cd_s']:.1f}", f"{w['cd_s'] / w['absorb_s']:.0f}x",
+                     w["rank"], _mib(w["adapter_bytes"])] for w in result["writes"]])
     b = result["bytes"]
     sizes = table(["memory tokens", "KV cache MiB (bf16, in context)", "adapter rank", "adapter MiB (bf16, stored)",
                    "served rank", "served adapter MiB", "KV / served adapter"],
@@ -178,11 +176,7 @@ def render(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Bytes per memory (KV vs adapters) and first-token latency, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = result["bytes"]["rows"]
     tokens = [r["tokens"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -201,10 +195,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax2.set_yscale("log")
     ax2.set_ylabel("first token, s (CPU)")
     ax2.set_title("time to first token")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -44,6 +44,8 @@ from d2l_memory.benchmarks.common import (
     environment,
     memory_in_tempdir,
     percentile,
+    pyplot,
+    save_figure,
     save_json,
     segments,
     system_list,
@@ -275,11 +277,7 @@ def render(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """F1 (categories 1-4) and p50 answer latency per system, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     summary = result["summary"]
     names = list(summary)
     colors = ["#2a6fdb" if n in ("adapter", "hybrid") else "#999999" for n in names]
@@ -293,10 +291,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax2.set_title("cost per answer")
     for ax in (ax1, ax2):
         ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -39,6 +39,8 @@ from d2l_memory.benchmarks.common import (
     environment,
     memory_in_tempdir,
     percentile,
+    pyplot,
+    save_figure,
     save_json,
     segments,
     system_list,
@@ -199,11 +201,7 @@ def render(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Accuracy and token F1 by question type: one bar group per type, one bar per system."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     summary = result["summary"]
     types = [t for t in TYPES if any(t in v["by_type"] for v in summary.values())]
     systems = list(summary)
@@ -220,10 +218,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_ylim(0, 1 if key == "by_type" else None)
     axes[0].set_title(f"LongMemEval oracle, n={summary[systems[0]]['n']}, SmolLM2-135M reader", fontsize=9)
     axes[1].legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from d2l_memory.benchmarks.common import bench_args, environment, save_json, table
+from d2l_memory.benchmarks.common import bench_args, environment, pyplot, save_figure, save_json, table
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.training.evaluate import run_eval
 
@@ -110,11 +110,7 @@ def render(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Needle exact match vs haystack length per system, with the window marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tasks = result.get("needle")
     if not tasks:
         return
@@ -132,10 +128,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_ylim(-0.05, 1.1)
     ax.set_title("Needle in a haystack, SmolLM2-135M (paper, gemma-2-2b: ~1.0 to 40k)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

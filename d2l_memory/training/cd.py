@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+from d2l_memory.chunking import validate_text
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.lora import LoRA
 from d2l_memory.training.objective import per_example_loss, student_batch
@@ -54,10 +55,11 @@ def teacher_examples(d2l: DocToLoRA, document: str, queries: Sequence[str] | Non
     examples = []
     for i, piece in enumerate(_pieces(d2l, document, piece_tokens)):
         questions = list(queries) if queries is not None else probes(piece, seed=seed + i)
+        prompts = [prompt_ids(base, q, piece) for q in questions]
         with base.lock:
-            responses = greedy(base, [prompt_ids(base, q, piece) for q in questions], max_new_tokens)
-            for q, response in zip(questions, responses, strict=True):
-                ids, logprobs = topk_on(base, prompt_ids(base, q, piece), response, k)
+            responses = greedy(base, prompts, max_new_tokens)
+            for q, prompt, response in zip(questions, prompts, responses, strict=True):
+                ids, logprobs = topk_on(base, prompt, response, k)
                 examples.append({"question": q, "response": torch.tensor(response), "topk_ids": ids,
                                  "topk_logprobs": logprobs})
     return examples
@@ -73,7 +75,7 @@ def context_distill(d2l: DocToLoRA, document: str, *, steps: int = 20, lr: float
     Raises:
         TypeError / ValueError: `document` is not a non-empty str (the same validation as absorb).
     """
-    d2l.chunks(document)  # validates the text exactly as `internalize` would
+    validate_text(document, "document")
     examples = teacher_examples(d2l, document, queries, seed=seed)
     cfg, base = d2l.config, d2l.base
     gen = torch.Generator().manual_seed(seed)
