@@ -45,6 +45,7 @@ BENCHMARKS = {
     "longmemeval": "d2l_memory.benchmarks.longmemeval",
     "needle": "d2l_memory.benchmarks.needle",
     "cost": "d2l_memory.benchmarks.cost",
+    "gate": "d2l_memory.benchmarks.gate",
 }
 # The library's choices, spelled out here so that `--help` needs no heavy import (tests/test_cli.py checks
 # they match `d2l_memory.store.schema.KINDS` and `d2l_memory.memory.MODES`).
@@ -353,6 +354,41 @@ def forget(
         _echo_json({"forgotten": n})
     else:
         out.print(f"Forgot {n} {'memory' if n == 1 else 'memories'}.")
+
+
+@app.command()
+def optimize(
+    store: StoreOpt = "./memories",
+    keep_minutes: Annotated[float, typer.Option(
+        "--keep-minutes", min=0.0, help="keep table versions younger than this for readers still on them (0 keeps "
+        "only the latest: only when nothing else is reading the store)")] = 1.0,
+    json_: JsonOpt = False,
+) -> None:
+    """Compact the store, fold new memories into its indices and drop old table versions.
+
+    Every write adds a table version, and memories added since the vector index was built are scanned
+    without it: run this periodically (cron, or after a bulk import) to keep search fast and the disk
+    small. It does not load the model.
+    """
+    from datetime import timedelta
+
+    with _user_errors():
+        from d2l_memory.store.schema import MEMORIES_TABLE
+        from d2l_memory.store.store import MemoryStore
+
+        if "://" not in store and not (Path(store) / f"{MEMORIES_TABLE}.lance").is_dir():
+            raise UserError(f"no memory store at {store}")
+
+        with err.status("Optimizing the store…"), MemoryStore(store) as memories:
+            before, start = memories.version_count(), time.perf_counter()
+            memories.optimize(older_than=timedelta(minutes=keep_minutes))
+            report = {"memories": memories.count(), "versions_before": before,
+                      "versions_after": memories.version_count(), "seconds": round(time.perf_counter() - start, 2)}
+    if json_:
+        _echo_json(report)
+    else:
+        out.print(f"Optimized {report['memories']} memories in {report['seconds']} s: table versions "
+                  f"{report['versions_before']} -> {report['versions_after']}.")
 
 
 @app.command()

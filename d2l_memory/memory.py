@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -205,20 +205,30 @@ class D2LMemory:
 
     def absorb_messages(self, messages: object, user_id: str, *, agent_id: str | None = None,
                         session_id: str | None = None, segment_tokens: int | None = None,
-                        metadata: Mapping[str, Any] | None = None) -> list[MemoryRecord]:
+                        metadata: Mapping[str, Any] | None = None,
+                        roles: Collection[str] | None = None) -> list[MemoryRecord]:
         """Absorb a conversation as `chat` memories, cut at turn boundaries into segments of at most
         `segment_tokens` tokens (default `config.segment_tokens`; a longer single turn is its own segment).
 
+        Args:
+            roles: absorb only the turns of these roles, e.g. `("user",)` to remember what the user said
+                and not the assistant's replies (a reply that dodged a question would otherwise become the
+                memory that best matches that question). None absorbs every turn.
+
         Raises:
-            TypeError / ValueError: unreadable messages or a non-positive token budget.
+            TypeError / ValueError: unreadable messages, no text in the kept turns, or a non-positive
+                token budget.
         """
         budget = self.config.segment_tokens if segment_tokens is None else segment_tokens
         if budget <= 0:
             raise ValueError(f"segment_tokens must be positive, got {budget}")
+        if isinstance(roles, str):
+            raise TypeError(f"roles must be a collection of role names such as ('user',), not the string {roles!r}")
         turns = [f"{role.capitalize()}: {content.strip()}" for role, content in normalize_messages(messages)
-                 if content.strip()]
+                 if content.strip() and (roles is None or role in roles)]
         if not turns:
-            raise ValueError("messages hold no text")
+            raise ValueError("messages hold no text" if roles is None else
+                             f"messages hold no text from the roles {sorted(roles)}")
         tok = self.d2l.base.tokenizer
         segments: list[list[str]] = [[]]
         used = 0

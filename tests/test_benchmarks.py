@@ -27,7 +27,7 @@ def _run_main(module, tmp_path, monkeypatch, *extra: str) -> dict:
 
 
 def test_registry_names_every_benchmark_module():
-    for name in ("internalize", "locomo", "longmemeval", "needle", "cost"):
+    for name in ("internalize", "locomo", "longmemeval", "needle", "cost", "gate"):
         module = __import__(BENCHMARKS[name], fromlist=["main"])
         assert callable(module.main)
 
@@ -121,3 +121,17 @@ def test_cost_quick_values(tmp_path, monkeypatch):
     write = result["writes"][0]
     assert write["absorb_s"] > 0 and (write["cd_s"] is None or write["cd_s"] > 0)
     assert result["first_token_s"]["context_1024"] > result["first_token_s"]["adapter"]
+
+
+def test_gate_calibration_quick(tmp_path, monkeypatch):
+    from d2l_memory.benchmarks import gate
+
+    result = _run_main(gate, tmp_path, monkeypatch)
+    rows = result["rows"]
+    assert [r["threshold"] for r in rows] == list(gate.THRESHOLDS)
+    for name in rows[0]:
+        if name != "threshold":  # a higher threshold lets fewer questions through, of every sort
+            assert all(0.0 <= r[name] <= 1.0 for r in rows)
+            assert [r[name] for r in rows] == sorted((r[name] for r in rows), reverse=True)
+    # Questions about a memory are far more similar to it than unrelated ones.
+    assert result["similarity"]["first person"]["p50"] > result["similarity"]["unrelated"]["p50"] + 0.1

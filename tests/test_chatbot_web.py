@@ -86,7 +86,7 @@ def test_api_scopes_every_call_by_user_and_says_what_it_refuses(url):
                            {"messages": [{"role": "user", "content": "I'm Carol; I play the oboe."},
                                          {"role": "assistant", "content": "Lovely, Carol!"}]})
     assert status == 200 and [r["user_id"] for r in records] == ["carol"] and records[0]["kind"] == "chat"
-    assert records[0]["text"] == "User: I'm Carol; I play the oboe.\nAssistant: Lovely, Carol!"
+    assert records[0]["text"] == "User: I'm Carol; I play the oboe."
     carols = records[0]["id"]
     # Another user neither sees Carol's memory nor can erase it, even knowing its id.
     assert call(url, "GET", "/api/memories?user=dave") == (200, [])

@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import get_args
 
 import pytest
+import torch
 from typer.testing import CliRunner, Result
 
 from d2l_memory.cli import Kind, Mode, app
@@ -149,3 +150,27 @@ def test_serve_builds_the_server_config_and_stops_it_on_ctrl_c(monkeypatch):
     assert config.env == {"D2L_MEMORY_STORE_URI": "/data/memories"} and FakeServer.last.stopped
     bad = run("serve", "--max-lora-rank", "7")
     assert bad.exit_code == 2 and bad.stderr.startswith("error: max_lora_rank: ") and "Traceback" not in bad.output
+
+
+def test_optimize_keeps_every_memory_and_drops_old_versions(tmp_path):
+    from d2l_memory.store.store import MemoryStore
+    from tests.test_store import make_lora, unit
+
+    with MemoryStore(tmp_path) as memories:
+        ids = [memories.add("alice", make_lora(i), vector=unit(i)).id for i in range(3)]
+    result = run("optimize", "--store", str(tmp_path), "--keep-minutes", "0", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["memories"] == 3 and report["versions_after"] < report["versions_before"]
+    with MemoryStore(tmp_path) as memories:
+        assert {m.id for m in memories.list("alice")} == set(ids)
+        stored, original = memories.get_adapter(ids[1], base_model="tiny", hypernet="h1"), make_lora(1)
+        for name, (a, b) in original.weights.items():
+            assert torch.allclose(stored.weights[name][0].float(), a, rtol=1e-2) and \
+                torch.allclose(stored.weights[name][1].float(), b, rtol=1e-2)
+
+
+def test_optimize_needs_an_existing_store(tmp_path):
+    result = run("optimize", "--store", str(tmp_path / "missing"))
+    assert result.exit_code == 2 and "no memory store at" in result.output
+    assert not (tmp_path / "missing").exists()

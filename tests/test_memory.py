@@ -66,6 +66,14 @@ def test_absorb_messages_segments_and_accepts_every_message_shape(mem):
     assert len(records) > 1 and all(r.kind == "chat" and r.session_id == "s1" for r in records)
     assert all(r.n_tokens <= 60 for r in records)
     assert "User: Hi, I'm Carol" in records[0].text and "Assistant: Nice, Carol!" in records[0].text
+    said = mem.absorb_messages(turns[:4], user_id="carol", roles=("user",))
+    assert [r.text for r in said] == ["User: Hi, I'm Carol and I keep bees.\nUser: My dog is called Pixel."]
+    before = mem.store.count()
+    with pytest.raises(TypeError, match="not the string"):
+        mem.absorb_messages(turns, user_id="carol", roles="user")
+    with pytest.raises(ValueError, match="no text from the roles"):
+        mem.absorb_messages(turns, user_id="carol", roles=("tool",))
+    assert mem.store.count() == before
 
 
 def test_tool_outputs_are_rendered_to_text(mem):

@@ -23,6 +23,7 @@ from d2l_memory.errors import AdapterError, D2LMemoryError, MemoryNotFoundError,
 from d2l_memory.lora import LoRA
 from d2l_memory.store import SCHEMA_VERSION, MemoryInput, MemoryStore
 from d2l_memory.store import schema as store_schema
+from d2l_memory.store import store as store_module
 from d2l_memory.store.store import _sql
 
 REPO = Path(__file__).resolve().parents[1]
@@ -314,6 +315,19 @@ def test_ann_index_once_large_enough(tmp_path: Path) -> None:
             hits = store.search(unit(i), f"u{i % 3}", k=3)
             assert hits[0].score == pytest.approx(1.0, abs=1e-4)
             assert {h.user_id for h in hits} == {f"u{i % 3}"}
+
+
+def test_small_scopes_are_searched_exactly_large_ones_through_the_index(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with MemoryStore(tmp_path / "s", index_threshold=40) as store:
+        store.add_many([MemoryInput(user_id=f"u{i % 3}", adapter=make_lora(0), vector=unit(i))
+                        for i in range(45)])  # 15 memories per user, indexed
+        where = "user_id = 'u0'"
+        assert "KNNVectorDistance" in store._vector_query(unit(0), where).explain_plan()
+        monkeypatch.setattr(store_module, "EXACT_SEARCH_ROWS", 14)
+        assert "ANNSubIndex" in store._vector_query(unit(0), where).explain_plan()
+        hits = store.search(unit(3), "u0", k=3)
+        assert hits[0].score == pytest.approx(1.0, abs=1e-4) and {h.user_id for h in hits} == {"u0"}
 
 
 def test_optimize_drops_old_versions(tmp_path: Path) -> None:

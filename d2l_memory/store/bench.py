@@ -94,7 +94,7 @@ def _bench_one(root: Path, n: int, n_users: int, lora: LoRA, *, n_adds: int, n_s
         t = time.perf_counter()
         store.get_adapter(memory_id, base_model="bench", hypernet="bench")
         get_lat.append(time.perf_counter() - t)
-    versions = len(store._table.list_versions())
+    versions = store.version_count()
     disk_before = _disk(root / "store")
     t = time.perf_counter()
     store.optimize(older_than=timedelta(0))

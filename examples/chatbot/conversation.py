@@ -1,7 +1,7 @@
 """One user's conversation with the chatbot, and that user's memories: the state both faces share.
 
-A conversation keeps its messages only while it lasts. `end()` absorbs them into the user's long-term
-memory (`D2LMemory.absorb_messages`, kind `chat`, one session id per conversation) and starts afresh, so
+A conversation keeps its messages only while it lasts. `end()` absorbs what the user said into the user's
+long-term memory (`D2LMemory.absorb_messages`, kind `chat`, one session id per conversation) and starts afresh, so
 the next conversation begins with an empty prompt and knows the user only through what was absorbed.
 Every call is scoped by the conversation's user id: one user's memories never reach another's answers.
 """
@@ -22,6 +22,9 @@ from d2l_memory.store import MemoryStore
 # dependable while the adapter still carries what the snippet leaves out.
 DEFAULT_MODE = "hybrid"
 SOURCE = {"source": "chatbot"}  # metadata on every memory this example writes
+# Only what the user said becomes memory: the bot's replies add nothing about the user, and a reply that
+# dodged a question ("as a chatbot I can't know...") would become the memory that best matches it next time.
+ABSORBED_ROLES = ("user",)
 
 
 def check_user(user_id: object) -> str:
@@ -111,9 +114,9 @@ class Conversation:
         """Absorb the conversation into the user's memory and start a new one; returns the new memories
         (none for a conversation without messages)."""
         records: list[MemoryRecord] = []
-        if any(m["content"].strip() for m in self.messages):
+        if any(m["content"].strip() for m in self.messages if m["role"] in ABSORBED_ROLES):
             records = self.memory.absorb_messages(self.messages, self.user_id, session_id=self.session_id,
-                                                  metadata=SOURCE)
+                                                  metadata=SOURCE, roles=ABSORBED_ROLES)
         self.messages = []
         self.session_id = uuid4().hex
         return records
