@@ -5,7 +5,8 @@ stdout with `--json` for scripts (records as `MemoryRecord.model_dump(mode="json
 Spinners and errors go to stderr, so stdout stays clean. User errors (the library's ValueError, TypeError
 and D2LMemoryError, and unreadable input files) print one red line and exit with code 2, like typer's own
 usage errors; `D2L_MEMORY_DEBUG=1` shows the traceback instead. Heavy modules (torch, transformers,
-LanceDB, vLLM) are imported inside the commands, so `d2l-memory --help` stays instant. The chat REPL's
+LanceDB, vLLM) are imported inside the commands, so `d2l-memory --help` stays instant, and `list`, `recall`,
+`forget` and `optimize` open only the store (`open_store`), never the model. The chat REPL's
 pieces (`open_memory`, `input_lines`, `stream_answer`, `print_records`, `print_error`) are public so that
 other terminal faces (the chatbot example) reuse them instead of copying them.
 """
@@ -34,6 +35,7 @@ from rich.text import Text
 
 if TYPE_CHECKING:
     from d2l_memory.memory import D2LMemory, MemoryRecord
+    from d2l_memory.store.store import MemoryStore
 
 app = typer.Typer(help="Long-term memory for LLM agents, stored in LoRA adapters.", no_args_is_help=True)
 out = Console(highlight=False)
@@ -113,6 +115,21 @@ def open_memory(store: str, engine: EngineName = "transformers", url: str | None
         yield mem
     finally:
         mem.close()
+
+
+@contextmanager
+def open_store(store: str) -> Iterator[MemoryStore]:
+    """The memory store alone, without the model: what `list`, `recall` and `forget` need. Forgetting
+    through it erases the composed adapters that held the memory too, as `D2LMemory.forget` does."""
+    from d2l_memory.compose import ComposedCache, cache_root_for
+    from d2l_memory.store.store import MemoryStore
+
+    memories = MemoryStore(store)
+    memories.on_erase(ComposedCache(cache_root_for(store)).erase)
+    try:
+        yield memories
+    finally:
+        memories.close()
 
 
 def _echo_json(value: Any, indent: int | None = 2) -> None:
@@ -299,8 +316,13 @@ def recall(
     json_: JsonOpt = False,
 ) -> None:
     """Show the user's memories most similar to QUERY, best first (no relevance gating)."""
-    with _user_errors(), open_memory(store) as mem:
-        hits = mem.recall(query, user, k, kind=kind, **_scope(agent, session))
+    from d2l_memory.chunking import validate_text
+    from d2l_memory.memory import MemoryConfig, MemoryRecord
+
+    with _user_errors(), open_store(store) as memories:
+        found = memories.search(validate_text(query, "query"), user, k=k or MemoryConfig().k, kind=kind,
+                                **_scope(agent, session))
+        hits = [MemoryRecord.from_stored(m) for m in found]
     if json_:
         _echo_json(_records_json(hits))
     elif not hits:
@@ -319,8 +341,10 @@ def list_memories(
     json_: JsonOpt = False,
 ) -> None:
     """List all of a user's memories, newest first."""
-    with _user_errors(), open_memory(store) as mem:
-        records = mem.list(user, kind=kind, **_scope(agent, session))
+    from d2l_memory.memory import MemoryRecord
+
+    with _user_errors(), open_store(store) as memories:
+        records = [MemoryRecord.from_stored(m) for m in memories.list(user, kind=kind, **_scope(agent, session))]
     if json_:
         _echo_json(_records_json(records))
     elif not records:
@@ -341,15 +365,15 @@ def forget(
     """Erase one memory (--id) or all of a user's (--user), including every adapter composed from them."""
     if (id_ is None) == (user is None):
         _fail("pass exactly one of --id or --user")
-    with _user_errors(), open_memory(store) as mem:
-        count = 1 if user is None else len(mem.list(user))
+    with _user_errors(), open_store(store) as memories:
+        count = 1 if user is None else memories.count(user)
         if not yes and count:
             what = f"memory {id_}" if user is None else \
                 f"the one memory of {user}" if count == 1 else f"all {count} memories of {user}"
             if not typer.confirm(f"Forget {what}? This cannot be undone", err=True):
                 err.print("Nothing forgotten.")
                 raise typer.Exit(1)
-        n = mem.forget(id_) if id_ is not None else mem.forget(user_id=user)
+        n = memories.delete(id_) if id_ is not None else memories.delete_user(user)  # type: ignore[arg-type]
     if json_:
         _echo_json({"forgotten": n})
     else:

@@ -90,11 +90,30 @@ def test_library_errors_are_one_red_line_and_exit_2(store, absorbed):
     assert "Traceback" not in result.output and result.stdout == ""
 
 
-def test_forget_user_removes_their_memories(store, absorbed):
+def test_forget_user_removes_their_memories_and_composed_adapters(store, absorbed):
+    from d2l_memory.compose import ComposedCache, cache_root_for
+
+    cache = ComposedCache(cache_root_for(store))
+    assert run("chat", "--user", "alice", "--mode", "adapter", "-m", QUESTION, "--max-new-tokens", "2",
+               "--store", store).exit_code == 0
+    holding = [n for n in cache.names() if absorbed["alice"]["id"] in {m for m, _ in cache.recipe(n).members}]
+    assert holding  # the chat composed alice's memory into an adapter
     result = run("forget", "--user", "alice", "--yes", "--store", store, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == {"forgotten": 1}
     assert json.loads(run("list", "--user", "alice", "--store", store, "--json").stdout) == []
+    assert not set(holding) & set(cache.names())
+
+
+def test_list_recall_and_forget_do_not_load_the_model(store, absorbed, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    for where in ("d2l_memory.models.load_model", "d2l_memory.memory.load_model"):
+        monkeypatch.setattr(where, no_model)
+    for args in (["list", "--user", "bob"], ["recall", "bees", "--user", "bob"], ["forget", "--user", "nobody", "-y"]):
+        result = run(*args, "--store", store, "--json")
+        assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize(("args", "stdin", "names"), [
