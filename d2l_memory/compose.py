@@ -115,10 +115,12 @@ def compose(
 class AdapterSource(Protocol):
     """Where member adapters come from: `store.MemoryStore` is one, or anything holding adapters by id.
 
-    `base_model` and `hypernet` are what the adapter must have been made for (None skips that check).
+    All of a recipe's members are asked for in one call (one blob fetch from the store). `base_model` and
+    `hypernet` are what the adapters must have been made for (None skips that check).
     """
 
-    def get_adapter(self, memory_id: str, *, base_model: str | None, hypernet: str | None) -> LoRA: ...
+    def get_adapters(self, memory_ids: Sequence[str], *, base_model: str | None,
+                     hypernet: str | None) -> dict[str, LoRA]: ...
 
 
 class Recipe(BaseModel):
@@ -246,7 +248,8 @@ class ComposedCache:
         if hit is not None:
             return hit
         pins = {"base_model": recipe.base_model, "hypernet": recipe.hypernet or None}
-        adapters = [source.get_adapter(memory_id, **pins) for memory_id in recipe.memory_ids]
+        found = source.get_adapters(recipe.memory_ids, **pins)
+        adapters = [found[memory_id] for memory_id in recipe.memory_ids]
         for adapter in adapters:  # whatever the source checked, nothing foreign is ever composed
             adapter.validate(**pins)
         return self._write(recipe.name, compose(adapters, [w for _, w in recipe.members], recipe.rank_budget),

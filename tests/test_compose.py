@@ -39,9 +39,9 @@ class Source:
         self.adapters = adapters
         self.reads = 0
 
-    def get_adapter(self, memory_id: str, *, base_model: str | None, hypernet: str | None) -> LoRA:
-        self.reads += 1
-        return self.adapters[memory_id]
+    def get_adapters(self, memory_ids, *, base_model: str | None, hypernet: str | None) -> dict[str, LoRA]:
+        self.reads += len(memory_ids)
+        return {memory_id: self.adapters[memory_id] for memory_id in memory_ids}
 
 
 def mid(i: int) -> str:

@@ -82,8 +82,8 @@ def test_sampling_is_reproducible_with_a_seed(engine: TransformersEngine) -> Non
 def test_composed_adapters_from_the_cache_serve_like_their_lora(
         engine: TransformersEngine, adapters: dict[str, LoRA | None], alone: dict, tmp_path) -> None:
     class Source:
-        def get_adapter(self, memory_id: str, *, base_model: str | None, hypernet: str | None) -> LoRA:
-            return adapters["a"]
+        def get_adapters(self, memory_ids, *, base_model: str | None, hypernet: str | None) -> dict[str, LoRA]:
+            return {memory_id: adapters["a"] for memory_id in memory_ids}
 
     composed = ComposedCache(tmp_path).get_or_compose(
         Recipe(members=((f"{1:032x}", 1.0),), base_model=BASE), Source())

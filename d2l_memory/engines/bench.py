@@ -22,6 +22,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -42,7 +43,11 @@ class _Memories:
     def __init__(self, base_model: str, layers: int = 30, d_model: int = 576, d_mlp: int = 1536) -> None:
         self.base_model, self.layers, self.d_model, self.d_mlp = base_model, layers, d_model, d_mlp
 
-    def get_adapter(self, memory_id: str, *, base_model: str | None, hypernet: str | None) -> LoRA:
+    def get_adapters(self, memory_ids: Sequence[str], *, base_model: str | None,
+                     hypernet: str | None) -> dict[str, LoRA]:
+        return {memory_id: self._adapter(memory_id) for memory_id in memory_ids}
+
+    def _adapter(self, memory_id: str) -> LoRA:
         g = torch.Generator().manual_seed(int(memory_id, 16) % (2**31))
         return LoRA({f"model.layers.{i}.mlp.down_proj": (torch.randn(8, self.d_mlp, generator=g) * 0.02,
                                                           torch.randn(self.d_model, 8, generator=g) * 0.02)
