@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -72,6 +74,28 @@ def test_resume_is_exact(shard_dir, tmp_path):
     # One step from `a` moves the B scalers less than the four steps that took them from zero to `a`.
     assert 0 < (c["scaler_b"] - a["scaler_b"]).abs().max() < a["scaler_b"].abs().max()
     assert "usage_gap" in metrics[-1] and metrics[-1]["scaler_b"] > 0  # the B scalers left zero: it learns
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint(shard_dir, tmp_path):
+    (tmp_path / "train.json").write_text(_config(shard_dir, tmp_path / "run", total_steps=10_000, eval_examples=0,
+                                                 checkpoint_minutes=60).model_dump_json())
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    command = [sys.executable, "-m", "d2l_memory.training.train", "--config", str(tmp_path / "train.json")]
+    proc = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None:
+            assert time.time() < deadline, "no training step within 5 minutes"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    state = json.loads((tmp_path / "run" / "last" / "train_state.json").read_text())
+    assert state["step"] == steps[-1] < 10_000 and f"stopped at step {steps[-1]}" in stdout
 
 
 def test_data_parallel_launch_with_torchrun(shard_dir, tmp_path):

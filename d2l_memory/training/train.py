@@ -8,6 +8,7 @@ hypernetwork factors per chunk (frozen encoder) -> concatenate per example along
 -> student loss against the cached teacher top-k -> AdamW (warmup + cosine), gradient accumulation.
 Every `checkpoint_minutes` the run saves hypernetwork, optimizer, scheduler, RNG states and data
 position as safetensors + JSON (no pickle), and `--config` of an existing run resumes it exactly.
+SIGTERM or Ctrl-C stops the run after the current step with a checkpoint (a second Ctrl-C at once).
 The held-out *document-usage gap* (loss with a shuffled document's LoRA minus loss with the matching
 one) is logged with every evaluation: while it is ~0 the hypernetwork learns a prior, not memory.
 """
@@ -19,8 +20,13 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 import torch
 import torch.distributed as dist
@@ -247,65 +253,98 @@ def train(config: TrainConfig) -> None:
         save_checkpoint(last, d2l, opt, sched, {"step": step, "position": position, "epoch": epoch,
                                                 "elapsed": time.time() - started, "shards": shards.names})
 
-    bar = tqdm(total=config.total_steps, initial=step, desc="meta-train", disable=rank != 0)
-    while step < config.total_steps:
-        if config.stop_at_step is not None and step >= config.stop_at_step:
-            break
-        if config.time_budget_minutes is not None and time.time() - invocation_start > config.time_budget_minutes * 60:
-            if rank == 0:
+    with stop_requests() as stop:
+        bar = tqdm(total=config.total_steps, initial=step, desc="meta-train", disable=rank != 0)
+        while step < config.total_steps:
+            if config.stop_at_step is not None and step >= config.stop_at_step:
+                break
+            budget_s = None if config.time_budget_minutes is None else config.time_budget_minutes * 60
+            if budget_s is not None and time.time() - invocation_start > budget_s:
+                if rank == 0:
+                    checkpoint()
+                break
+            opt.zero_grad(set_to_none=True)
+            metrics = {"loss": 0.0, "l1": 0.0}
+            for _ in range(config.grad_accum):
+                if position + config.batch_size * world > len(order):
+                    # New epoch: pick up shards written since (data preparation may run alongside).
+                    epoch, position, shards = epoch + 1, 0, ShardSet(config.data)
+                    data = shards.examples
+                    pool = [ex for ex in data if not ex["control"]]
+                    order = epoch_order(len(data), config.seed, epoch)
+                idx = order[position + rank * config.batch_size : position + (rank + 1) * config.batch_size]
+                position += config.batch_size * world
+                examples = [data[i] for i in idx]
+                rng = random.Random(config.seed * 1_000_003 + step * 101 + rank)
+                stage2 = step >= config.stage2_step
+                n_chunks = [rng.randint(1, config.max_chunks) if stage2 else 1 for _ in examples]
+                factors, a, b = batch_factors(d2l, contexts_for(examples, rng, pool), n_chunks)
+                batch = student_batch(base, examples)
+                kd = per_example_loss(base, batch, factors, d2l.config.scale, config.gold_ce).mean()
+                reg = l1_penalty(a, b)
+                loss = (kd + config.l1 * reg) / config.grad_accum
+                loss.backward()
+                metrics["loss"] += kd.item() / config.grad_accum
+                metrics["l1"] += reg.item() / config.grad_accum
+            if distributed:  # data parallel: every rank steps with the mean gradient (what DDP computes)
+                for p in d2l.hypernet.parameters():
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)  # AVG is not available on gloo (CPU)
+                    p.grad /= world
+            torch.nn.utils.clip_grad_norm_(d2l.hypernet.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            record = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0], "elapsed": time.time() - started,
+                      "samples": step * config.batch_size * config.grad_accum * world, **metrics,
+                      "scaler_b": d2l.hypernet.scaler_b.abs().mean().item()}
+            if held_out and rank == 0 and (step % config.eval_every == 0 or step == config.total_steps):
+                record.update(usage_gap(d2l, held_out, config))
+                bar.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
+            if log:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            stopping = stop.is_set()
+            if distributed:  # every rank must leave at the same step, or the others wait in all_reduce forever
+                flag = torch.tensor([float(stopping)])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = bool(flag.item())
+            ending = step in (config.total_steps, config.stop_at_step) or stopping
+            if rank == 0 and (time.time() - last_save > config.checkpoint_minutes * 60 or ending):
                 checkpoint()
-            break
-        opt.zero_grad(set_to_none=True)
-        metrics = {"loss": 0.0, "l1": 0.0}
-        for _ in range(config.grad_accum):
-            if position + config.batch_size * world > len(order):
-                # New epoch: pick up shards written since (data preparation may run alongside).
-                epoch, position, shards = epoch + 1, 0, ShardSet(config.data)
-                data = shards.examples
-                pool = [ex for ex in data if not ex["control"]]
-                order = epoch_order(len(data), config.seed, epoch)
-            idx = order[position + rank * config.batch_size : position + (rank + 1) * config.batch_size]
-            position += config.batch_size * world
-            examples = [data[i] for i in idx]
-            rng = random.Random(config.seed * 1_000_003 + step * 101 + rank)
-            stage2 = step >= config.stage2_step
-            n_chunks = [rng.randint(1, config.max_chunks) if stage2 else 1 for _ in examples]
-            factors, a, b = batch_factors(d2l, contexts_for(examples, rng, pool), n_chunks)
-            batch = student_batch(base, examples)
-            kd = per_example_loss(base, batch, factors, d2l.config.scale, config.gold_ce).mean()
-            reg = l1_penalty(a, b)
-            loss = (kd + config.l1 * reg) / config.grad_accum
-            loss.backward()
-            metrics["loss"] += kd.item() / config.grad_accum
-            metrics["l1"] += reg.item() / config.grad_accum
-        if distributed:  # data parallel: every rank steps with the mean gradient (what DDP computes)
-            for p in d2l.hypernet.parameters():
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)  # AVG is not available on gloo (CPU)
-                p.grad /= world
-        torch.nn.utils.clip_grad_norm_(d2l.hypernet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        record = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0], "elapsed": time.time() - started,
-                  "samples": step * config.batch_size * config.grad_accum * world, **metrics,
-                  "scaler_b": d2l.hypernet.scaler_b.abs().mean().item()}
-        if held_out and rank == 0 and (step % config.eval_every == 0 or step == config.total_steps):
-            record.update(usage_gap(d2l, held_out, config))
-            bar.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
-        if log:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        ending = step in (config.total_steps, config.stop_at_step)
-        if rank == 0 and (time.time() - last_save > config.checkpoint_minutes * 60 or ending):
-            checkpoint()
-            last_save = time.time()
-    bar.close()
+                last_save = time.time()
+            if stopping:
+                bar.write(f"stopped at step {step} on request; resume with the same --config")
+                break
+        bar.close()
     if log:
         log.close()
     if distributed:
         dist.destroy_process_group()
+
+
+@contextmanager
+def stop_requests() -> Iterator[threading.Event]:
+    """An event that SIGTERM or Ctrl-C sets, so that training stops after the current step with a checkpoint
+    (a second Ctrl-C interrupts at once). Signals can only be caught on the main thread; elsewhere the
+    event is never set by them."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main() -> None:
