@@ -46,7 +46,7 @@ def main() -> None:
             console.rule("Session 1: the users talk; each conversation is absorbed into adapters")
             for user, turns in SESSION_1.items():
                 start = time.perf_counter()
-                records = mem.absorb_messages(turns, user_id=user)
+                records = mem.absorb_messages(turns, user_id=user, roles=("user",))  # what the user said
                 console.print(f"[bold]{user}[/]: {turns[0][1]!r} -> {len(records)} memory, rank "
                               f"{records[0].rank}, absorbed in {time.perf_counter() - start:.2f} s")
             console.rule("Session 2: a fresh prompt; what does the assistant know?")
