@@ -277,6 +277,15 @@ def save_json(path: str | Path | None, result: Mapping[str, Any]) -> None:
         Path(path).write_text(json.dumps(result, indent=1, default=str))
 
 
+def report(result: Mapping[str, Any], args: argparse.Namespace, render: Callable[[Any], str],
+           plot: Callable[[Any, Path], None]) -> None:
+    """A benchmark's ending: print its tables, write its JSON (`--out`) and draw its figure (`--plot`)."""
+    print(render(result))
+    save_json(args.out, result)
+    if args.plot:
+        plot(result, args.plot)
+
+
 def bench_args(description: str, quick_help: str) -> argparse.ArgumentParser:
     """The arguments every benchmark takes: `--quick`, `--out` (JSON result), `--plot` (PNG)."""
     parser = argparse.ArgumentParser(description=description)

@@ -34,8 +34,8 @@ from d2l_memory.benchmarks.common import (
     environment,
     memory_in_tempdir,
     pyplot,
+    report,
     save_figure,
-    save_json,
     smoke_probes,
     table,
 )
@@ -208,10 +208,7 @@ def main() -> None:
     size = QUICK if args.quick else FULL
     size = size.model_copy(update={"store": args.store, **({} if args.vllm is None else {"vllm": args.vllm})})
     result = run(size)
-    print(render(result))
-    save_json(args.out, result)
-    if args.plot:
-        plot(result, args.plot)
+    report(result, args, render, plot)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from d2l_memory.benchmarks.common import bench_args, environment, pyplot, save_figure, save_json, table
+from d2l_memory.benchmarks.common import bench_args, environment, pyplot, report, save_figure, table
 from d2l_memory.embedder import Embedder
 from d2l_memory.memory import MemoryConfig
 from d2l_memory.training.data import ATTRIBUTES, control_questions, fact_sample
@@ -96,11 +97,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = bench_args(__doc__.splitlines()[0], "60 memories instead of 600")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     result = run(60 if args.quick else 600)
-    print(render(result))
-    save_json(args.out, result)
-    if args.plot:
-        plot(result, args.plot)
+    report(result, args, render, plot)
 
 
 if __name__ == "__main__":

@@ -45,8 +45,8 @@ from d2l_memory.benchmarks.common import (
     memory_in_tempdir,
     percentile,
     pyplot,
+    report,
     save_figure,
-    save_json,
     segments,
     system_list,
     table,
@@ -301,10 +301,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     result = run(SIZES["quick" if args.quick else args.size])
-    print(render(result))
-    save_json(args.out, result)
-    if args.plot:
-        plot(result, args.plot)
+    report(result, args, render, plot)
 
 
 if __name__ == "__main__":

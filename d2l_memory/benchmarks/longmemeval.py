@@ -40,6 +40,7 @@ from d2l_memory.benchmarks.common import (
     memory_in_tempdir,
     percentile,
     pyplot,
+    report,
     save_figure,
     save_json,
     segments,
@@ -227,18 +228,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.rescore:
         result = rescore(json.loads(args.rescore.read_text()))
-        print(render(result))
-        save_json(args.out, result)
-        if args.plot:
-            plot(result, args.plot)
-        return
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    result = run(QUICK if args.quick else FULL, out=args.out)
-    print(render(result))
-    save_json(args.out, result)
-    if args.plot:
-        plot(result, args.plot)
+    else:
+        torch.set_num_threads(args.threads)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        result = run(QUICK if args.quick else FULL, out=args.out)
+    report(result, args, render, plot)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from d2l_memory.benchmarks.common import bench_args, environment, pyplot, save_figure, save_json, table
+from d2l_memory.benchmarks.common import bench_args, environment, pyplot, report, save_figure, table
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.training.evaluate import run_eval
 
@@ -138,10 +138,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     result = run(QUICK if args.quick else FULL, parts=("sweep", "squad") if args.part == "all" else (args.part,))
-    print(render(result))
-    save_json(args.out, result)
-    if args.plot:
-        plot(result, args.plot)
+    report(result, args, render, plot)
 
 
 if __name__ == "__main__":
