@@ -172,18 +172,24 @@ def test_serve_builds_the_server_config_and_stops_it_on_ctrl_c(monkeypatch):
 
 
 def test_optimize_keeps_every_memory_and_drops_old_versions(tmp_path):
+    from d2l_memory.lora import LoRA
     from d2l_memory.store.store import MemoryStore
-    from tests.test_store import make_lora, unit
 
+    def lora(seed: int) -> LoRA:
+        gen = torch.Generator().manual_seed(seed)
+        a, b = torch.randn(2, 8, generator=gen), torch.randn(4, 2, generator=gen)
+        return LoRA({"model.layers.0.mlp.down_proj": (a, b)}, base_model="tiny", hypernet="h1")
+
+    vectors = torch.nn.functional.normalize(torch.randn(3, 384, generator=torch.Generator().manual_seed(0)), dim=1)
     with MemoryStore(tmp_path) as memories:
-        ids = [memories.add("alice", make_lora(i), vector=unit(i)).id for i in range(3)]
+        ids = [memories.add("alice", lora(i), vector=vectors[i].numpy()).id for i in range(3)]
     result = run("optimize", "--store", str(tmp_path), "--keep-minutes", "0", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["memories"] == 3 and report["versions_after"] < report["versions_before"]
     with MemoryStore(tmp_path) as memories:
         assert {m.id for m in memories.list("alice")} == set(ids)
-        stored, original = memories.get_adapter(ids[1], base_model="tiny", hypernet="h1"), make_lora(1)
+        stored, original = memories.get_adapter(ids[1], base_model="tiny", hypernet="h1"), lora(1)
         for name, (a, b) in original.weights.items():
             assert torch.allclose(stored.weights[name][0].float(), a, rtol=1e-2) and \
                 torch.allclose(stored.weights[name][1].float(), b, rtol=1e-2)
