@@ -322,10 +322,9 @@ class D2LMemory:
                k: int | None = None, history: Sequence[Mapping[str, str]] = (), **scope: Any) -> Iterator[str]:
         """`chat`, yielding text pieces as they are generated.
 
-        Iterate the generator on one thread: the embedded engine holds the model's lock (a re-entrant
-        lock, released only by the thread that took it) until the answer ends or the generator is closed.
-        A web server that steps it from a thread pool must give each answer a thread of its own (as
-        `examples/chatbot/web.py` does).
+        The generator may be stepped from any thread (a web server's pool) and several streams interleave:
+        the embedded engine locks the model for one token at a time. Close it (or exhaust it) when the
+        reader leaves; with vLLM an open stream holds that engine until then.
         """
         messages, adapter = self.prepare(message, user_id, mode, k, history, **scope)
         yield from self.engine.stream(messages, adapter, GenerationParams(max_new_tokens=max_new_tokens))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from chats import BASE, COLOR, FRANCE, HELLO, SHORT
@@ -65,6 +67,27 @@ def test_streamed_text_equals_generated_text(engine: TransformersEngine, adapter
                                              alone: dict) -> None:
     pieces = list(engine.stream(FRANCE, adapters["a"], SHORT))
     assert len(pieces) > 1 and "".join(pieces) == alone["france", "a"]
+
+
+def test_streams_step_from_any_thread_and_interleave(engine: TransformersEngine,
+                                                     adapters: dict[str, LoRA | None], alone: dict) -> None:
+    # What a web server's thread pool does: each step of an answer on whichever thread is free, other
+    # requests in between, and a client that leaves closes its answer from yet another thread.
+    def on_new_thread(fn, *args):  # a timeout, not a hang, when a step waits on a lock another thread kept
+        pool = ThreadPoolExecutor(max_workers=1)  # a fresh thread each time: a pool reuses its idle ones
+        try:
+            return pool.submit(fn, *args).result(timeout=120)
+        finally:
+            pool.shutdown(wait=False)
+
+    first, second = engine.stream(FRANCE, adapters["a"], SHORT), engine.stream(FRANCE, None, SHORT)
+    pieces = [on_new_thread(next, first)]
+    assert on_new_thread(next, second)
+    assert on_new_thread(engine.generate, HELLO, None, SHORT) == alone["hello", "base"]
+    pieces += on_new_thread(list, first)
+    on_new_thread(second.close)
+    assert "".join(pieces) == alone["france", "a"]
+    assert engine.generate(FRANCE, None, SHORT) == alone["france", "base"]  # the lock is free, no hooks left
 
 
 def test_stop_string_ends_the_answer_before_it_in_both_paths(engine: TransformersEngine) -> None:

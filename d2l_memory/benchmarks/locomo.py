@@ -13,8 +13,9 @@ on the answer before ';'), category 5 by whether the answer picks "No informatio
 paper we do not Porter-stem tokens (no nltk dependency): the same for every system, a little lower for all.
 
 Sizes (`SIZES`): `--quick` is the first session of conv-26 and 3 questions about it; `full` (reported)
-is the whole of conv-26 (about 14k tokens, twice the window) and a seeded sample of its questions, without
-CD, which cannot distill a whole conversation in time on this CPU; `--size subset` (reported) runs every
+is the whole of conv-26 and conv-30 (the first and the shortest conversation, about 17k and 13k tokens:
+both past the window) and a seeded sample of each one's questions, without CD, which cannot distill a whole
+conversation in time on this CPU; `--size subset` (reported) runs every
 system, CD included, on sessions 1-3 of conv-26 and all 25 questions about them.
 """
 
@@ -76,9 +77,9 @@ SIZES = {
     # CI: the first session of conv-26 (3 memories), 3 questions; CD as a smoke test (2 probes, 2 steps)
     "quick": Size(conversations=("conv-26",), sessions=1, questions=3, adversarial=0, max_new_tokens=16, cd=True,
                   cd_steps=2, cd_probes=2),
-    # reported: all of conv-26 (about 2x the window), a seeded sample of its questions. CD is left out:
-    # distilling its ~60 memories would take about 1.5 hours on this 2-core CPU (see `subset`).
-    "full": Size(conversations=("conv-26",), sessions=None, questions=32, adversarial=8, max_new_tokens=24,
+    # reported: all of conv-26 and conv-30 (each past the window), a seeded sample of each one's questions.
+    # CD is left out: distilling a conversation's 60-80 memories takes hours on this 2-core CPU (see `subset`).
+    "full": Size(conversations=("conv-26", "conv-30"), sessions=None, questions=32, adversarial=8, max_new_tokens=24,
                  cd=False),
     # reported: every system including CD on sessions 1-3 of conv-26 and all 25 questions about them
     # (a conversation that fits the window: the comparison CD can afford here)

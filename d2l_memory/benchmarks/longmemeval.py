@@ -12,9 +12,9 @@ Metric: the official one is a GPT-4o judge, which a CPU-only, offline run cannot
 says it does not know or that it was not mentioned), and token F1 next to it. Both are stricter than
 a judge on paraphrases; the same for every system.
 
-Sizes: `--quick` is 1 question (the shortest haystack, CD as a smoke test); the reported size is one
-question of each of the 6 types (the first round of a seeded sample of 2 per type), without CD (distilling a question's
-~25 memories takes about 40 minutes on this CPU; see the LoCoMo subset and SQuAD for CD).
+Sizes: `--quick` is 1 question (the shortest haystack, CD as a smoke test); the reported size is a seeded
+sample of 2 questions of each of the 6 types, without CD (distilling a question's ~25 memories takes about
+40 minutes on this CPU; see the LoCoMo subset for CD).
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ class Size(BaseModel):
     per_type: int
     types: tuple[str, ...] = TYPES
     shortest: bool = False  # quick: the question with the shortest haystack per type, instead of a sample
-    limit: int | None = None  # run only the first `limit` questions of the round-robin order
     max_new_tokens: int = 32
     cd: bool = False  # per-document CD: about 1.5 min per 256-token memory here, ~25 memories per question
     cd_steps: int = 20
@@ -74,9 +73,9 @@ class Size(BaseModel):
 
 QUICK = Size(per_type=1, types=("single-session-assistant",), shortest=True, max_new_tokens=16, cd=True, cd_steps=2,
              cd_probes=2)
-# reported: the first 6 (one per type) of a seeded sample of 2 per type; the second round did not fit the
-# shared CPU's time (about 5 minutes per question and system set, the full history prefill dominating)
-FULL = Size(per_type=2, limit=6, max_new_tokens=32)
+# reported: a seeded sample of 2 per type (about 3-5 minutes per question for all systems on this CPU, the
+# full history's prefill dominating)
+FULL = Size(per_type=2, max_new_tokens=32)
 
 
 def load(path: Path | None = None) -> list[dict[str, Any]]:
@@ -96,7 +95,7 @@ def pick(data: list[dict[str, Any]], size: Size) -> list[dict[str, Any]]:
         else:
             per_kind.append(rng.sample(pool, min(size.per_type, len(pool))))
     # round robin over the types, so that a run cut short has covered every type evenly
-    return [q for group in zip(*per_kind, strict=False) for q in group][: size.limit]
+    return [q for group in zip(*per_kind, strict=False) for q in group]
 
 
 def sessions_of(item: dict[str, Any]) -> list[tuple[str, list[str]]]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from d2l_memory.engines.base import Adapter, Engine, GenerationParams, Message, cut_at_stop, render_chat
 from d2l_memory.functional import lora_applied, module_shapes
@@ -92,6 +94,9 @@ class TransformersEngine(Engine):
                params: GenerationParams | None = None) -> Iterator[str]:
         """Yield the answer in pieces: a token-by-token loop over the KV cache, same tokens as `generate`.
 
+        The generator may be stepped and closed from any thread; the model is locked only while a token
+        is computed.
+
         Text that might be the start of a stop string, or half of a multi-byte character, is held back
         until the next token decides it.
         """
@@ -106,25 +111,31 @@ class TransformersEngine(Engine):
             rng.manual_seed(params.seed)
         tokens: list[int] = []
         sent = ""
-        with self._lock, lora_applied(self.model, lora), torch.inference_mode():
-            out = self.model(input_ids=ids, use_cache=True)
-            for _ in range(params.max_new_tokens):
-                token = self._pick(out.logits[0, -1], params, rng)
-                if token in self._eos:
-                    break
-                tokens.append(token)
-                text, stopped = cut_at_stop(self._decode(tokens), params.stop)
-                if stopped:
-                    break
-                ready = text[: len(text) - hold] if hold else text
-                if len(ready) > len(sent) and not ready.endswith("\ufffd"):
-                    yield ready[len(sent):]
-                    sent = ready
-                out = self.model(input_ids=torch.tensor([[token]], device=self.device),
-                                 past_key_values=out.past_key_values, use_cache=True)
+        out = self._forward(lora, input_ids=ids)
+        for _ in range(params.max_new_tokens):
+            token = self._pick(out.logits[0, -1], params, rng)
+            if token in self._eos:
+                break
+            tokens.append(token)
+            text, stopped = cut_at_stop(self._decode(tokens), params.stop)
+            if stopped:
+                break
+            ready = text[: len(text) - hold] if hold else text
+            if len(ready) > len(sent) and not ready.endswith("\ufffd"):
+                yield ready[len(sent):]
+                sent = ready
+            out = self._forward(lora, input_ids=torch.tensor([[token]], device=self.device),
+                                past_key_values=out.past_key_values)
         text = cut_at_stop(self._decode(tokens), params.stop)[0]
         if len(text) > len(sent):
             yield text[len(sent):]
+
+    def _forward(self, lora: LoRA | None, **inputs: torch.Tensor | Cache) -> CausalLMOutputWithPast:
+        # The lock and the adapter's hooks are held for one forward pass, never across a `yield`: a stream
+        # may then be stepped from any thread (a web server's pool) and closed from any, and other users'
+        # requests interleave with its tokens instead of waiting for the whole answer.
+        with self._lock, lora_applied(self.model, lora), torch.inference_mode():
+            return self.model(**inputs, use_cache=True)
 
     @staticmethod
     def _pick(logits: torch.Tensor, params: GenerationParams, rng: torch.Generator) -> int:

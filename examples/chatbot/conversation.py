@@ -8,7 +8,7 @@ Every call is scoped by the conversation's user id: one user's memories never re
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from uuid import uuid4
 
 from d2l_memory import D2LMemory, MemoryRecord
@@ -92,7 +92,7 @@ class Conversation:
         self.messages: list[dict[str, str]] = list(messages or [])
         self.session_id = uuid4().hex
 
-    def reply(self, text: str) -> Iterator[str]:
+    def reply(self, text: str) -> Generator[str, None, None]:
         """Answer `text`, yielding pieces as they are generated; the turn joins the conversation once the
         answer is complete (an interrupted answer leaves no half turn behind).
 

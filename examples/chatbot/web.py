@@ -19,13 +19,12 @@ ids the store refuses come back as HTTP 400 with the store's message, another us
 from __future__ import annotations
 
 import argparse
-import asyncio
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Generator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
+from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -62,50 +61,16 @@ class Finished(BaseModel):
     messages: list[Message] = Field(max_length=MAX_MESSAGES)
 
 
-class _Answer:
-    """An answer generator driven step by step from the event loop, always on one worker thread.
-
-    The engine holds the model's lock (a `threading.RLock`) for the whole answer, and only the thread
-    that took an RLock may release it; Starlette would run each step of a plain iterator on whichever pool
-    thread is free, so one single-thread executor per answer runs them all.
-    """
-
-    _END = object()
-
-    def __init__(self, pieces: Iterator[str]) -> None:
-        self.pieces = pieces
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatbot-answer")
-        self.closed = False
-
-    async def step(self) -> str | None:
-        """The next piece, or None at the end (then the worker is released)."""
-        try:
-            piece = await asyncio.get_running_loop().run_in_executor(self.worker, next, self.pieces, self._END)
-        except BaseException:
-            self.close()
-            raise
-        if piece is self._END:
-            self.close()
-            return None
-        return piece  # type: ignore[return-value]
-
-    async def rest(self, first: str | None) -> AsyncIterator[str]:
-        """`first`, then every piece still to come; a client that leaves stops the generation."""
-        try:
-            piece = first
-            while piece is not None:
+async def _answer(first: str | None, pieces: Generator[str, None, None]) -> AsyncIterator[str]:
+    """`first`, then the rest of the answer, each piece generated on a pool thread (the engine allows any
+    thread); a client that leaves closes the generator, which stops the generation."""
+    try:
+        if first is not None:
+            yield first
+            async for piece in iterate_in_threadpool(pieces):
                 yield piece
-                piece = await self.step()
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        # Queued on the answer's own thread, so the engine's lock is released where it was taken.
-        self.worker.submit(getattr(self.pieces, "close", lambda: None))
-        self.worker.shutdown(wait=False)
+    finally:
+        await run_in_threadpool(pieces.close)
 
 
 def _records(records: list[MemoryRecord]) -> list[dict[str, Any]]:
@@ -160,10 +125,10 @@ def create_app(memory: D2LMemory, max_new_tokens: int = 128) -> FastAPI:
     async def chat(body: ChatRequest, user: User) -> StreamingResponse:
         conversation = Conversation(memory, user, body.mode, max_new_tokens,
                                     messages=[m.model_dump() for m in body.history])
-        answer = _Answer(conversation.reply(body.message))
+        pieces = conversation.reply(body.message)
         # The first piece is awaited here, so a bad id or an empty message is a 400, not a broken stream.
-        first = await answer.step()
-        return StreamingResponse(answer.rest(first), media_type="text/plain; charset=utf-8")
+        first = await run_in_threadpool(next, pieces, None)
+        return StreamingResponse(_answer(first, pieces), media_type="text/plain; charset=utf-8")
 
     @app.post("/api/conversations")
     def end_conversation(body: Finished, user: User) -> list[dict[str, Any]]:

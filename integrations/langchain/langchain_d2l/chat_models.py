@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any, Literal
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
@@ -166,30 +165,3 @@ class ChatD2L(BaseChatModel):
         usage, metadata = self._metadata(chat, "".join(pieces), adapter, options)
         yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=metadata,
                                                          chunk_position="last"))
-
-    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        # The embedded engine holds the model's re-entrant lock from the first token to the last, so the
-        # whole stream runs on one worker thread (LangChain's default steps it on whichever thread is free).
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        done = object()
-
-        def produce() -> None:
-            try:
-                for chunk in self._stream(messages, stop, **kwargs):
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
-            except BaseException as exc:  # handed to the consumer, raised there
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            else:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
-
-        worker = loop.run_in_executor(None, produce)
-        while (item := await queue.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            if run_manager and item.text:
-                await run_manager.on_llm_new_token(item.text, chunk=item)
-            yield item
-        await worker
