@@ -527,7 +527,8 @@ def eval_(
                                                     help="hypernetwork directory (default: the shipped one)")] = None,
     n: Annotated[int, typer.Option(min=1, help="questions per task (and per needle length)")] = 40,
     tasks: Annotated[list[str] | None, typer.Option(
-        "--tasks", help="tasks to run, repeatable or comma-separated: facts, needle, squad, interference")] = None,
+        "--tasks", help="tasks to run, repeatable or comma-separated: facts, needle, squad, fairytale, "
+                   "interference")] = None,
     needle_length: Annotated[list[int] | None, typer.Option(help="needle document length in tokens, "
                                                                  "repeatable (default 512, 2048, 8192)")] = None,
     cd_steps: Annotated[int, typer.Option(min=0, help="also run per-document context distillation (gradient "

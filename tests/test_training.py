@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from d2l_memory.training.data import build_mix, fact_sample
-from d2l_memory.training.evaluate import token_f1
+from d2l_memory.training.data import TRAIN_FILES, build_mix, fact_sample, fairytale_samples, shared_data, squad_samples
+from d2l_memory.training.evaluate import QA_SETS, token_f1
 from d2l_memory.training.teacher import ShardSet, build_shard
 from d2l_memory.training.train import TrainConfig, train
 
@@ -44,7 +44,13 @@ def test_shards_hold_teacher_topk_for_each_response_token(base, shard_dir):
 
 
 def test_mix_never_reads_benchmarks():
-    sources = {s.source for s in build_mix(200, 3, {"facts": 0.3, "needle": 0.2, "squad": 0.3, "fairytale": 0.2})}
+    mix = build_mix(200, 3, {"facts": 0.3, "needle": 0.2, "squad": 0.3, "fairytale": 0.2})
+    sources = {s.source for s in mix}
+    # No passage of the evaluation's QA sets is in any pool training draws from.
+    held_out = {s.context for path, read in QA_SETS.values() for s in read(shared_data() / path)}
+    pools = [s.context for path in TRAIN_FILES for s in squad_samples(shared_data() / path)]
+    pools += [s.context for s in fairytale_samples(shared_data() / "fairytaleqa" / "fairytaleqa_train.jsonl")]
+    assert held_out and pools and not held_out & set(pools)
     assert sources <= {"facts", "needle", "fairytale", "squad:new_wiki_v1.0", "squad:reddit_v1.0",
                        "squad:amazon_reviews_v1.0", "squad:saipriya_train-v1.1_sample"}
     assert token_f1("the Eiffel tower", "Eiffel Tower!") == 1.0 and token_f1("no", "yes") == 0.0

@@ -6,14 +6,16 @@ Systems, each answering the same held-out questions greedily with the same base 
 - `none`: no document;
 - `cd`: per-document context distillation (`training/cd.py`: a gradient-trained LoRA of the same rank and
   targets, timed), when `cd_steps > 0`.
-Tasks: `facts` (held-out synthetic personal facts, accuracy), `needle` (a code in essay filler at
-each length, exact match), `squad` (SQuAD v1.1 dev sample, token F1; reported normalised by ICL),
-`interference` (general questions with an unrelated document's adapter, accuracy vs the base model).
+Tasks: `facts` (held-out synthetic personal facts, accuracy), `needle` (a code in essay filler at each
+length, exact match), `squad` (SQuAD v1.1 dev sample) and `fairytale` (FairytaleQA test, explicit
+questions), both token F1 and reported normalised by ICL as the paper does, `interference` (general
+questions with an unrelated document's adapter, accuracy vs the base model).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import random
 import time
@@ -27,10 +29,21 @@ from d2l_memory.d2l import DocToLoRA
 from d2l_memory.functional import lora_applied
 from d2l_memory.lora import LoRA
 from d2l_memory.training.cd import context_distill
-from d2l_memory.training.data import Sample, control_questions, fact_sample, needle_sample, shared_data, squad_samples
+from d2l_memory.training.data import (
+    Sample,
+    control_questions,
+    fact_sample,
+    fairytale_samples,
+    needle_sample,
+    shared_data,
+    squad_samples,
+)
 from d2l_memory.training.teacher import greedy, normalize, prompt_ids
 
 EVAL_SEED = 10_007  # disjoint from every training seed
+# Held-out QA sets (never read by training): task -> (file under shared/data, reader)
+QA_SETS = {"squad": ("squad/saipriya_dev-v1.1_sample.json", squad_samples),
+           "fairytale": ("fairytaleqa/fairytaleqa_test.jsonl", fairytale_samples)}
 
 
 def token_f1(prediction: str, gold: str) -> float:
@@ -88,11 +101,12 @@ def evaluate_samples(d2l: DocToLoRA, samples: Sequence[Sample], metric: str, sys
 
 
 def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 2048, 8192),
-             tasks: Sequence[str] = ("facts", "needle", "squad", "interference"), cd_steps: int = 0) -> dict[str, dict]:
+             tasks: Sequence[str] = ("facts", "needle", "squad", "fairytale", "interference"),
+             cd_steps: int = 0) -> dict[str, dict]:
     """All tasks with `n` questions each (per needle length); returns `{task: {system: score}}`.
 
     With `cd_steps > 0` the per-document context-distillation baseline (`cd`) runs beside the others on
-    the facts and SQuAD tasks (its cost grows with document length; the needle sweep leaves it out).
+    the facts and QA tasks (its cost grows with document length; the needle sweep leaves it out).
     """
     rng = random.Random(EVAL_SEED)
     report: dict[str, dict] = {}
@@ -108,14 +122,16 @@ def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 
             samples = [needle_sample(rng, [filler], length * 4) for _ in range(max(4, n // 4))]
             fits = length <= d2l.max_positions - 256
             report[f"needle_{length}"] = evaluate_samples(d2l, samples, "contains", systems, fits_window=fits)
-    if "squad" in tasks:
-        pool = list(squad_samples(shared_data() / "squad" / "saipriya_dev-v1.1_sample.json"))
+    for task, (path, read) in QA_SETS.items():
+        if task not in tasks:
+            continue
+        pool = list(read(shared_data() / path))
         samples = random.Random(EVAL_SEED).sample(pool, min(n, len(pool)))
         scores = evaluate_samples(d2l, samples, "f1", with_cd, cd_steps=cd_steps)
-        scores["adapter_over_icl"] = scores["adapter"] / scores["icl"] if scores.get("icl") else 0.0
-        if "cd" in scores:
-            scores["cd_over_icl"] = scores["cd"] / scores["icl"] if scores.get("icl") else 0.0
-        report["squad"] = scores
+        for system in ("adapter", "cd"):
+            if system in scores:
+                scores[f"{system}_over_icl"] = scores[system] / scores["icl"] if scores.get("icl") else 0.0
+        report[task] = scores
     if "interference" in tasks:
         pairs = control_questions("eval")
         unrelated = [fact_sample(rng).context for _ in pairs]
@@ -134,7 +150,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", type=Path, default=None, help="hypernetwork dir (default: shipped)")
     parser.add_argument("--n", type=int, default=40)
-    parser.add_argument("--tasks", nargs="*", default=["facts", "needle", "squad", "interference"])
+    parser.add_argument("--tasks", nargs="*", default=list(inspect.signature(run_eval).parameters["tasks"].default))
     parser.add_argument("--needle-lengths", nargs="*", type=int, default=[512, 2048, 8192])
     parser.add_argument("--cd-steps", type=int, default=0, help="also run the context-distillation baseline")
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
