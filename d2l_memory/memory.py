@@ -45,6 +45,10 @@ class MemoryConfig(BaseModel):
     k: int = Field(4, ge=1, description="memories recalled per chat turn")
     rank_budget: int = Field(64, ge=1, le=512, description="largest rank of a composed adapter (vLLM's "
                              "max_lora_rank must hold it)")
+    composition: Literal["sum", "mean"] = Field(
+        "mean", description="how recalled memories' adapters combine: `mean` (weight 1/k each: k memories move "
+        "the model as far as one, which is all the hypernetwork has been trained on) or `sum` (weight 1 each, "
+        "the paper's concatenation)")
     segment_tokens: int = Field(256, ge=16, description="token budget of one chat memory (absorb_messages)")
     max_document_chars: int = Field(400_000, ge=1, description="absorb() refuses longer texts")
     max_context_tokens: int = Field(6000, ge=64, description="text budget of the prompt in context/hybrid modes")
@@ -291,7 +295,8 @@ class D2LMemory:
         hits = [] if mode == "none" else self.relevant(message, user_id, k, **scope)
         adapter = None
         if mode in ("adapter", "hybrid") and hits:
-            recipe = Recipe(members=tuple((h.id, 1.0) for h in hits), base_model=self.d2l.base.model_id,
+            weight = 1.0 if self.config.composition == "sum" else 1.0 / len(hits)
+            recipe = Recipe(members=tuple((h.id, weight) for h in hits), base_model=self.d2l.base.model_id,
                             hypernet=self.d2l.checksum, rank_budget=self.config.rank_budget)
             adapter = self.cache.get_or_compose(recipe, self.store)
         snippets = [h.text for h in hits if h.text] if mode == "context" else \

@@ -119,6 +119,21 @@ def test_async_twins(mem):
     assert record.user_id == "erin" and "ramen" in answer.lower()
 
 
+def test_mean_composition_weights_each_memory_by_one_over_k(mem):
+    for text in ("Gus plays the oboe.", "Gus plays the oboe every Sunday."):
+        mem.absorb(text, user_id="gus")
+    _, mean = mem.prepare("Does Gus play the oboe?", "gus", mode="adapter")  # the default
+    default = mem.config
+    try:
+        mem.config = default.model_copy(update={"composition": "sum"})
+        _, summed = mem.prepare("Does Gus play the oboe?", "gus", mode="adapter")
+    finally:
+        mem.config = default
+    mem.forget(user_id="gus")
+    assert [w for _, w in mean.recipe.members] == [0.5, 0.5]
+    assert [w for _, w in summed.recipe.members] == [1.0, 1.0] and summed.name != mean.name
+
+
 def test_forget_is_exact(mem):
     record = mem.absorb("Frank's secret code is 77123.", user_id="frank")
     _, adapter = mem.prepare("What is Frank's secret code?", "frank", mode="adapter")

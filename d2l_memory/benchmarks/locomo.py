@@ -36,6 +36,7 @@ import torch
 from pydantic import BaseModel
 
 from d2l_memory.benchmarks.common import (
+    SYSTEMS,
     Answer,
     HistoryReader,
     absorb_timed,
@@ -298,10 +299,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = bench_args(__doc__.splitlines()[0], "first session of conv-26, 3 questions (= --size quick)")
     parser.add_argument("--size", choices=sorted(SIZES), default="full", help="full (default), subset or quick")
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=None,
+                        help="run only these systems (default: every system of the size)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    result = run(SIZES["quick" if args.quick else args.size])
+    result = run(SIZES["quick" if args.quick else args.size], tuple(args.systems) if args.systems else None)
     report(result, args, render, plot)
 
 
