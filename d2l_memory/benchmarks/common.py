@@ -286,13 +286,17 @@ def report(result: Mapping[str, Any], args: argparse.Namespace, render: Callable
         plot(result, args.plot)
 
 
-def bench_args(description: str, quick_help: str) -> argparse.ArgumentParser:
-    """The arguments every benchmark takes: `--quick`, `--out` (JSON result), `--plot` (PNG)."""
+def bench_args(description: str, quick_help: str, systems: bool = False) -> argparse.ArgumentParser:
+    """The arguments every benchmark takes: `--quick`, `--out` (JSON result), `--plot` (PNG); with
+    `systems`, also `--systems` (a memory benchmark run for some of its systems only)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="draw the figure into this PNG (docs/img/...)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the dev machine has 2 shared cores)")
+    if systems:
+        parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=None,
+                            help="run only these systems (default: every system of the size)")
     return parser
 
 

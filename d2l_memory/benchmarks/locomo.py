@@ -36,7 +36,6 @@ import torch
 from pydantic import BaseModel
 
 from d2l_memory.benchmarks.common import (
-    SYSTEMS,
     Answer,
     HistoryReader,
     absorb_timed,
@@ -297,10 +296,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    parser = bench_args(__doc__.splitlines()[0], "first session of conv-26, 3 questions (= --size quick)")
+    parser = bench_args(__doc__.splitlines()[0], "first session of conv-26, 3 questions (= --size quick)", systems=True)
     parser.add_argument("--size", choices=sorted(SIZES), default="full", help="full (default), subset or quick")
-    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=None,
-                        help="run only these systems (default: every system of the size)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -222,7 +222,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    parser = bench_args(__doc__.splitlines()[0], "1 question (the shortest haystack)")
+    parser = bench_args(__doc__.splitlines()[0], "1 question (the shortest haystack)", systems=True)
     parser.add_argument("--rescore", type=Path, default=None, help="score a saved result again, run nothing")
     args = parser.parse_args()
     if args.rescore:
@@ -230,7 +230,7 @@ def main() -> None:
     else:
         torch.set_num_threads(args.threads)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-        result = run(QUICK if args.quick else FULL, out=args.out)
+        result = run(QUICK if args.quick else FULL, tuple(args.systems) if args.systems else None, out=args.out)
     report(result, args, render, plot)
 
 
