@@ -48,6 +48,7 @@ BENCHMARKS = {
     "needle": "d2l_memory.benchmarks.needle",
     "cost": "d2l_memory.benchmarks.cost",
     "gate": "d2l_memory.benchmarks.gate",
+    "composition": "d2l_memory.benchmarks.composition",
 }
 # The library's choices, spelled out here so that `--help` needs no heavy import (tests/test_cli.py checks
 # they match `d2l_memory.store.schema.KINDS` and `d2l_memory.memory.MODES`).

@@ -27,7 +27,7 @@ def _run_main(module, tmp_path, monkeypatch, *extra: str) -> dict:
 
 
 def test_registry_names_every_benchmark_module():
-    for name in ("internalize", "locomo", "longmemeval", "needle", "cost", "gate"):
+    for name in ("internalize", "locomo", "longmemeval", "needle", "cost", "gate", "composition"):
         module = __import__(BENCHMARKS[name], fromlist=["main"])
         assert callable(module.main)
 
@@ -135,3 +135,12 @@ def test_gate_calibration_quick(tmp_path, monkeypatch):
             assert [r[name] for r in rows] == sorted((r[name] for r in rows), reverse=True)
     # Questions about a memory are far more similar to it than unrelated ones.
     assert result["similarity"]["first person"]["p50"] > result["similarity"]["unrelated"]["p50"] + 0.1
+
+
+def test_composition_quick(tmp_path, monkeypatch):
+    from d2l_memory.benchmarks import composition
+
+    result = _run_main(composition, tmp_path, monkeypatch)
+    assert set(result["accuracy"]) == set(composition.SYSTEMS)
+    assert all(0.0 <= v <= 1.0 for v in result["accuracy"].values())
+    assert 1.0 <= result["composed_per_question"] <= composition.QUICK.memories  # the asked memory is recalled
