@@ -15,7 +15,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from d2l_memory.engines.base import Adapter, Engine, GenerationParams, Message, cut_at_stop, render_chat
-from d2l_memory.functional import lora_applied, module_shapes
+from d2l_memory.functional import Factors, applied, lora_applied, module_shapes, stack
 from d2l_memory.lora import LoRA
 from d2l_memory.models import DEFAULT_MODEL, LoadedModel, load_model
 
@@ -102,16 +102,19 @@ class TransformersEngine(Engine):
         """
         params = params or GenerationParams()
         ids = torch.tensor([render_chat(self.tokenizer, messages)], device=self.device)
-        return self._stream(ids, self._lora(adapter), params)
+        lora = self._lora(adapter)
+        # Stacked once per answer (a dtype copy of every factor); only the hooks are set per token.
+        factors = stack([lora], self.model.dtype, self.device) if lora is not None else ({}, 1.0)
+        return self._stream(ids, factors, params)
 
-    def _stream(self, ids: torch.Tensor, lora: LoRA | None, params: GenerationParams) -> Iterator[str]:
+    def _stream(self, ids: torch.Tensor, factors: tuple[Factors, float], params: GenerationParams) -> Iterator[str]:
         hold = max((len(s) for s in params.stop), default=1) - 1
         rng = torch.Generator(device=self.device)
         if params.seed is not None:
             rng.manual_seed(params.seed)
         tokens: list[int] = []
         sent = ""
-        out = self._forward(lora, input_ids=ids)
+        out = self._forward(factors, input_ids=ids)
         for _ in range(params.max_new_tokens):
             token = self._pick(out.logits[0, -1], params, rng)
             if token in self._eos:
@@ -124,17 +127,17 @@ class TransformersEngine(Engine):
             if len(ready) > len(sent) and not ready.endswith("\ufffd"):
                 yield ready[len(sent):]
                 sent = ready
-            out = self._forward(lora, input_ids=torch.tensor([[token]], device=self.device),
+            out = self._forward(factors, input_ids=torch.tensor([[token]], device=self.device),
                                 past_key_values=out.past_key_values)
         text = cut_at_stop(self._decode(tokens), params.stop)[0]
         if len(text) > len(sent):
             yield text[len(sent):]
 
-    def _forward(self, lora: LoRA | None, **inputs: torch.Tensor | Cache) -> CausalLMOutputWithPast:
+    def _forward(self, factors: tuple[Factors, float], **inputs: torch.Tensor | Cache) -> CausalLMOutputWithPast:
         # The lock and the adapter's hooks are held for one forward pass, never across a `yield`: a stream
         # may then be stepped from any thread (a web server's pool) and closed from any, and other users'
         # requests interleave with its tokens instead of waiting for the whole answer.
-        with self._lock, lora_applied(self.model, lora), torch.inference_mode():
+        with self._lock, applied(self.model, *factors), torch.inference_mode():
             return self.model(**inputs, use_cache=True)
 
     @staticmethod
