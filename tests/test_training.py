@@ -14,7 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from d2l_memory.training.data import TRAIN_FILES, build_mix, fact_sample, fairytale_samples, shared_data, squad_samples
+from d2l_memory.training.data import (
+    FAIRYTALE_TRAIN_FILE,
+    TRAIN_FILES,
+    build_mix,
+    fact_sample,
+    fairytale_samples,
+    shared_data,
+    squad_samples,
+)
 from d2l_memory.training.evaluate import QA_SETS, token_f1
 from d2l_memory.training.teacher import ShardSet, build_shard
 from d2l_memory.training.train import TrainConfig, train
@@ -49,7 +57,7 @@ def test_mix_never_reads_benchmarks():
     # No passage of the evaluation's QA sets is in any pool training draws from.
     held_out = {s.context for path, read in QA_SETS.values() for s in read(shared_data() / path)}
     pools = [s.context for path in TRAIN_FILES for s in squad_samples(shared_data() / path)]
-    pools += [s.context for s in fairytale_samples(shared_data() / "fairytaleqa" / "fairytaleqa_train.jsonl")]
+    pools += [s.context for s in fairytale_samples(shared_data() / FAIRYTALE_TRAIN_FILE)]
     assert held_out and pools and not held_out & set(pools)
     assert sources <= {"facts", "needle", "fairytale", "squad:new_wiki_v1.0", "squad:reddit_v1.0",
                        "squad:amazon_reviews_v1.0", "squad:saipriya_train-v1.1_sample"}

@@ -147,6 +147,7 @@ def fairytale_samples(path: Path, max_context_chars: int = 1500) -> Iterator[Sam
 
 TRAIN_FILES = ["squadshifts/new_wiki_v1.0.json", "squadshifts/reddit_v1.0.json",
                "squadshifts/amazon_reviews_v1.0.json", "squad/saipriya_train-v1.1_sample.json"]
+FAIRYTALE_TRAIN_FILE = "fairytaleqa/fairytaleqa_train.jsonl"
 
 
 def build_mix(n: int, seed: int, mix: dict[str, float], needle_chars: tuple[int, int] = (200, 1500),
@@ -158,8 +159,7 @@ def build_mix(n: int, seed: int, mix: dict[str, float], needle_chars: tuple[int,
         pools["squad"] = [s for f in TRAIN_FILES for s in squad_samples(shared_data() / f, max_context_chars)
                           if len(s.answer) <= max_answer_chars]
     if mix.get("fairytale"):
-        pools["fairytale"] = list(fairytale_samples(shared_data() / "fairytaleqa" / "fairytaleqa_train.jsonl",
-                                                    max_context_chars))
+        pools["fairytale"] = list(fairytale_samples(shared_data() / FAIRYTALE_TRAIN_FILE, max_context_chars))
     essays = _essays() if mix.get("needle") else []
     names, weights = zip(*[(k, v) for k, v in mix.items() if v > 0], strict=True)
     out: list[Sample] = []

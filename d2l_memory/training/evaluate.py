@@ -150,8 +150,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", type=Path, default=None, help="hypernetwork dir (default: shipped)")
     parser.add_argument("--n", type=int, default=40)
-    parser.add_argument("--tasks", nargs="*", default=list(inspect.signature(run_eval).parameters["tasks"].default))
-    parser.add_argument("--needle-lengths", nargs="*", type=int, default=[512, 2048, 8192])
+    defaults = inspect.signature(run_eval).parameters
+    parser.add_argument("--tasks", nargs="*", default=list(defaults["tasks"].default))
+    parser.add_argument("--needle-lengths", nargs="*", type=int, default=list(defaults["needle_lengths"].default))
     parser.add_argument("--cd-steps", type=int, default=0, help="also run the context-distillation baseline")
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     args = parser.parse_args()
