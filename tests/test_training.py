@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from d2l_memory.d2l import DocToLoRA
+from d2l_memory.hypernet import HypernetConfig
 from d2l_memory.training.data import (
     FAIRYTALE_TRAIN_FILE,
     TRAIN_FILES,
@@ -25,7 +27,7 @@ from d2l_memory.training.data import (
 )
 from d2l_memory.training.evaluate import QA_SETS, token_f1
 from d2l_memory.training.teacher import ShardSet, build_shard
-from d2l_memory.training.train import TrainConfig, train
+from d2l_memory.training.train import TrainConfig, batch_factors, train
 
 TINY = {"layers": [10, 12], "latent_dim": 64, "n_heads": 2, "chunk_tokens": 64}
 
@@ -88,6 +90,21 @@ def test_resume_is_exact(shard_dir, tmp_path):
     # One step from `a` moves the B scalers less than the four steps that took them from zero to `a`.
     assert 0 < (c["scaler_b"] - a["scaler_b"]).abs().max() < a["scaler_b"].abs().max()
     assert "usage_gap" in metrics[-1] and metrics[-1]["scaler_b"] > 0  # the B scalers left zero: it learns
+
+
+def test_stage_two_never_cuts_a_context_below_the_chunk_floor(base):
+    d2l = DocToLoRA.untrained(HypernetConfig(**TINY), base)
+    context = "Alice said her favourite colour is teal, and that she adopted a grey cat named Pixel in May."
+    n_tokens = len(base.tokenizer(context, add_special_tokens=False)["input_ids"])
+    assert 10 < n_tokens < 50
+    rank = d2l.config.rank
+    widths = {}
+    for floor in (1, 10, 25, 100):
+        factors, _, _ = batch_factors(d2l, [context], [8], floor)
+        a, b = next(iter(factors.values()))
+        widths[floor] = a.shape[1] // rank - 1  # chunk slots, less the bias slot
+        assert b.shape[2] == a.shape[1]
+    assert widths[1] > widths[10] > widths[25] == widths[100] == 1 and widths[10] <= n_tokens // 10
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint(shard_dir, tmp_path):

@@ -61,7 +61,7 @@ class TrainConfig(BaseModel):
     l1: float = 0.1
     stage2_step: int = 2000
     max_chunks: int = 8
-    min_chunk_tokens: int = 25
+    min_chunk_tokens: int = Field(25, description="stage 2 cuts no context into chunks shorter than this")
     gold_ce: bool = False
     eval_every: int = 50
     eval_examples: int = 32
@@ -77,16 +77,20 @@ def contexts_for(examples: list[dict], rng: random.Random, pool: list[dict]) -> 
     return [ex["context"] if not ex["control"] else rng.choice(pool)["context"] for ex in examples]
 
 
-def batch_factors(d2l: DocToLoRA, contexts: list[str], n_chunks: list[int]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+def batch_factors(d2l: DocToLoRA, contexts: list[str], n_chunks: list[int],
+                  min_chunk_tokens: int = 1) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Per-row factors `{module: (A [B, R, d_in], B [B, d_out, R])}` for `contexts`, with gradients.
 
-    Example i is cut into `n_chunks[i]` equal chunks (fewer if the text is too short); its chunk
-    slots are concatenated along the rank, zero-padded to the batch's widest, then the bias slot.
+    Example i is cut into `n_chunks[i]` equal chunks, fewer where a chunk would hold less than
+    `min_chunk_tokens` tokens; its chunk slots are concatenated along the rank, zero-padded to the
+    batch's widest, then the bias slot.
     """
     tok, c = d2l.base.tokenizer, d2l.config
     per_example = []
     for text, k in zip(contexts, n_chunks, strict=True):
         n_tokens = len(tok(text, add_special_tokens=False)["input_ids"])
+        # A few-token fragment carries no fact a question could recall (a 20-token fact chat cut 8 ways).
+        k = max(1, min(k, n_tokens // min_chunk_tokens))
         size = max(1, min(c.chunk_tokens, math.ceil(n_tokens / k)))
         per_example.append(chunk_document(tok, text, size, d2l.max_positions))
     flat = [chunk for chunks in per_example for chunk in chunks]
@@ -195,7 +199,8 @@ def load_checkpoint(directory: Path, d2l: DocToLoRA, opt: torch.optim.Optimizer,
 
 @torch.no_grad()
 def usage_gap(d2l: DocToLoRA, examples: list[dict], config: TrainConfig) -> dict[str, float]:
-    """Held-out loss with each example's own document vs with the next example's document."""
+    """Held-out loss with each example's own document (whole, and cut into `max_chunks` chunks), with the
+    next example's document, and with none."""
     d2l.hypernet.eval()
     real = [ex for ex in examples if not ex["control"]]
     batch = student_batch(d2l.base, real)
@@ -205,9 +210,12 @@ def usage_gap(d2l: DocToLoRA, examples: list[dict], config: TrainConfig) -> dict
     loss_own = per_example_loss(d2l.base, batch, own, d2l.config.scale, config.gold_ce).mean().item()
     loss_other = per_example_loss(d2l.base, batch, other, d2l.config.scale, config.gold_ce).mean().item()
     loss_none = per_example_loss(d2l.base, batch, {}, 1.0, config.gold_ce).mean().item()
+    # Stage 2's question: does the own document still help when cut into chunks whose adapters are summed?
+    chunked, _, _ = batch_factors(d2l, contexts, [config.max_chunks] * len(real), config.min_chunk_tokens)
+    loss_chunked = per_example_loss(d2l.base, batch, chunked, d2l.config.scale, config.gold_ce).mean().item()
     d2l.hypernet.train()
     return {"eval_loss": loss_own, "eval_loss_shuffled": loss_other, "eval_loss_no_lora": loss_none,
-            "usage_gap": loss_other - loss_own}
+            "eval_loss_chunked": loss_chunked, "usage_gap": loss_other - loss_own}
 
 
 def train(config: TrainConfig) -> None:
@@ -278,7 +286,8 @@ def train(config: TrainConfig) -> None:
                 rng = random.Random(config.seed * 1_000_003 + step * 101 + rank)
                 stage2 = step >= config.stage2_step
                 n_chunks = [rng.randint(1, config.max_chunks) if stage2 else 1 for _ in examples]
-                factors, a, b = batch_factors(d2l, contexts_for(examples, rng, pool), n_chunks)
+                factors, a, b = batch_factors(d2l, contexts_for(examples, rng, pool), n_chunks,
+                                              config.min_chunk_tokens)
                 batch = student_batch(base, examples)
                 kd = per_example_loss(base, batch, factors, d2l.config.scale, config.gold_ce).mean()
                 reg = l1_penalty(a, b)
