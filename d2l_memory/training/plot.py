@@ -1,4 +1,5 @@
-"""Plot a run's metrics: training loss, held-out loss (own / shuffled / no document) and the usage gap."""
+"""Plot a run's metrics: training loss, held-out loss (own whole or in chunks / shuffled / no document) and the
+usage gap."""
 
 from __future__ import annotations
 
@@ -18,9 +19,13 @@ def plot(run: Path, out: Path | None = None) -> Path:
     evals = [r for r in rows if "usage_gap" in r]
     fig, (ax_loss, ax_gap) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot([r["samples"] for r in rows], [r["loss"] for r in rows], alpha=0.3, label="train (batch)")
-    for key, label in [("eval_loss", "held-out, own document"), ("eval_loss_shuffled", "held-out, other document"),
+    for key, label in [("eval_loss", "held-out, own document"),
+                       ("eval_loss_chunked", "held-out, own, in chunks"),
+                       ("eval_loss_shuffled", "held-out, other document"),
                        ("eval_loss_no_lora", "held-out, no adapter")]:
-        ax_loss.plot([r["samples"] for r in evals], [r[key] for r in evals], marker=".", label=label)
+        points = [r for r in evals if key in r]  # older runs did not log the chunked loss
+        if points:
+            ax_loss.plot([r["samples"] for r in points], [r[key] for r in points], marker=".", label=label)
     ax_loss.set_xlabel("training examples")
     ax_loss.set_ylabel("distillation loss (nats/token)")
     ax_loss.legend()
