@@ -88,7 +88,8 @@ def test_locomo_quick_through_the_cli(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_longmemeval_quick_values(tmp_path, monkeypatch):
-    result = _run_main(longmemeval, tmp_path, monkeypatch)
+    result = _run_main(longmemeval, tmp_path, monkeypatch, "--composition", "sum")
+    assert result["composition"] == "sum"  # the default is mean: the option reached the memory
     summary = result["summary"]
     assert set(summary) == _systems()
     for row in summary.values():

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, get_args
 
 import numpy as np
 import psutil
@@ -23,6 +23,7 @@ import torch
 
 from d2l_memory.engines.base import GenerationParams, render_chat
 from d2l_memory.lora import LoRA
+from d2l_memory.memory import MemoryConfig
 from d2l_memory.prompts import QA_TEMPLATE
 from d2l_memory.training.cd import GENERIC_PROBES, context_distill
 
@@ -257,11 +258,12 @@ def absorb_timed(mem: D2LMemory, texts: Sequence[str], user_id: str,
 @contextmanager
 def memory_in_tempdir(**config: Any) -> Iterator[D2LMemory]:
     """A `D2LMemory` (transformers engine, shipped hypernetwork) on a fresh LanceDB store in a temp dir;
-    the store and its composed-adapter cache are deleted afterwards."""
+    the store and its composed-adapter cache are deleted afterwards. `config` entries set to None keep
+    `MemoryConfig`'s default."""
     from d2l_memory import D2LMemory
 
     root = Path(tempfile.mkdtemp(prefix="d2l-bench-"))
-    mem = D2LMemory(root / "store", **config)
+    mem = D2LMemory(root / "store", **{key: value for key, value in config.items() if value is not None})
     try:
         yield mem
     finally:
@@ -288,7 +290,8 @@ def report(result: Mapping[str, Any], args: argparse.Namespace, render: Callable
 
 def bench_args(description: str, quick_help: str, systems: bool = False) -> argparse.ArgumentParser:
     """The arguments every benchmark takes: `--quick`, `--out` (JSON result), `--plot` (PNG); with
-    `systems`, also `--systems` (a memory benchmark run for some of its systems only)."""
+    `systems`, also `--systems` (a memory benchmark run for some of its systems only) and `--composition`
+    (how the recalled memories' adapters are weighted)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
@@ -297,6 +300,8 @@ def bench_args(description: str, quick_help: str, systems: bool = False) -> argp
     if systems:
         parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=None,
                             help="run only these systems (default: every system of the size)")
+        parser.add_argument("--composition", choices=get_args(MemoryConfig.model_fields["composition"].annotation),
+                            default=None, help="sum or mean of the recalled adapters (default: MemoryConfig's)")
     return parser
 
 

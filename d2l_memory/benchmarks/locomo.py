@@ -180,14 +180,16 @@ def score(qa: dict[str, Any], answer: str, options: dict[str, str]) -> float:
 
 
 # -- the run -------------------------------------------------------------------------------------------
-def run(size: Size, systems: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Absorb each conversation into every system, answer the sampled questions, score and time them."""
+def run(size: Size, systems: tuple[str, ...] | None = None, composition: str | None = None) -> dict[str, Any]:
+    """Absorb each conversation into every system, answer the sampled questions, score and time them
+    (`composition`: `MemoryConfig.composition`, its default when None)."""
     systems = systems or system_list(size.cd)
     started = environment()  # the date and commit the run started from
     data = {s["sample_id"]: s for s in load()}
     records: list[dict[str, Any]] = []
     conversations: list[dict[str, Any]] = []
-    with memory_in_tempdir() as mem:
+    with memory_in_tempdir(composition=composition) as mem:
+        composition = mem.config.composition
         tok = mem.d2l.base.tokenizer
         for conv_id in size.conversations:
             sample = data[conv_id]
@@ -228,8 +230,8 @@ def run(size: Size, systems: tuple[str, ...] | None = None) -> dict[str, Any]:
                                     "system": system, "answer": got.text, "score": score(qa, got.text, options),
                                     "seconds": got.seconds, "prompt_tokens": got.prompt_tokens})
     return {"benchmark": "locomo", "environment": started, "size": size.model_dump(), "systems": list(systems),
-            "conversations": conversations, "summary": summarize(records, conversations, systems),
-            "records": records}
+            "composition": composition, "conversations": conversations,
+            "summary": summarize(records, conversations, systems), "records": records}
 
 
 def summarize(records: list[dict[str, Any]], conversations: list[dict[str, Any]],
@@ -301,7 +303,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    result = run(SIZES["quick" if args.quick else args.size], tuple(args.systems) if args.systems else None)
+    result = run(SIZES["quick" if args.quick else args.size], tuple(args.systems) if args.systems else None,
+                 args.composition)
     report(result, args, render, plot)
 
 

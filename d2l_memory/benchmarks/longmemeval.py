@@ -122,18 +122,22 @@ def rescore(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def run(size: Size, systems: tuple[str, ...] | None = None, out: Path | None = None) -> dict[str, Any]:
+def run(size: Size, systems: tuple[str, ...] | None = None, out: Path | None = None,
+        composition: str | None = None) -> dict[str, Any]:
     """Absorb each question's sessions, answer it with every system, score and time (the result so far is
-    saved to `out` after each question, so a run cut short still reports what it measured)."""
+    saved to `out` after each question, so a run cut short still reports what it measured; `composition`:
+    `MemoryConfig.composition`, its default when None)."""
     systems = systems or system_list(size.cd)
     started = environment()  # the date and commit the run started from
     records: list[dict[str, Any]] = []
 
     def result() -> dict[str, Any]:
         return {"benchmark": "longmemeval", "environment": started, "size": size.model_dump(),
-                "systems": list(systems), "summary": summarize(records, systems), "records": records}
+                "systems": list(systems), "composition": composition, "summary": summarize(records, systems),
+                "records": records}
 
-    with memory_in_tempdir() as mem:
+    with memory_in_tempdir(composition=composition) as mem:
+        composition = mem.config.composition
         tok = mem.d2l.base.tokenizer
         for item in pick(load(), size):
             user = f"q{item['question_id']}"
@@ -230,7 +234,8 @@ def main() -> None:
     else:
         torch.set_num_threads(args.threads)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-        result = run(QUICK if args.quick else FULL, tuple(args.systems) if args.systems else None, out=args.out)
+        result = run(QUICK if args.quick else FULL, tuple(args.systems) if args.systems else None, out=args.out,
+                     composition=args.composition)
     report(result, args, render, plot)
 
 

@@ -18,7 +18,7 @@ from d2l_memory.memory import MODES
 from d2l_memory.store import MemoryStore
 
 # hybrid: the memories' adapter plus their best snippet in the prompt. With the young shipped hypernetwork
-# adapter mode alone recalls three quarters of personal facts (docs/training.md); the snippet makes the bot
+# adapter mode alone recalls 0.81 of personal facts (0.875 in context, docs/training.md); the snippet makes the bot
 # dependable while the adapter still carries what the snippet leaves out.
 DEFAULT_MODE = "hybrid"
 SOURCE = {"source": "chatbot"}  # metadata on every memory this example writes
