@@ -26,6 +26,7 @@ from d2l_memory.training.data import (
     squad_samples,
 )
 from d2l_memory.training.evaluate import QA_SETS, token_f1
+from d2l_memory.training.plot import plot
 from d2l_memory.training.teacher import ShardSet, build_shard
 from d2l_memory.training.train import TrainConfig, batch_factors, train
 
@@ -90,6 +91,8 @@ def test_resume_is_exact(shard_dir, tmp_path):
     # One step from `a` moves the B scalers less than the four steps that took them from zero to `a`.
     assert 0 < (c["scaler_b"] - a["scaler_b"]).abs().max() < a["scaler_b"].abs().max()
     assert "usage_gap" in metrics[-1] and metrics[-1]["scaler_b"] > 0  # the B scalers left zero: it learns
+    assert metrics[-1]["eval_loss_chunked"] > 0
+    assert plot(tmp_path / "straight").stat().st_size > 10_000  # the curves of a run, chunked loss included
 
 
 def test_stage_two_never_cuts_a_context_below_the_chunk_floor(base):
