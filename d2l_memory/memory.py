@@ -47,8 +47,8 @@ class MemoryConfig(BaseModel):
                              "max_lora_rank must hold it)")
     composition: Literal["sum", "mean"] = Field(
         "mean", description="how recalled memories' adapters combine: `mean` (weight 1/k each: k memories move "
-        "the model as far as one, which is all the hypernetwork has been trained on) or `sum` (weight 1 each, "
-        "the paper's concatenation)")
+        "the model as far as one; the better of the two on conversations in docs/benchmarks.md) or `sum` "
+        "(weight 1 each, the paper's concatenation)")
     segment_tokens: int = Field(256, ge=16, description="token budget of one chat memory (absorb_messages)")
     max_document_chars: int = Field(400_000, ge=1, description="absorb() refuses longer texts")
     max_context_tokens: int = Field(6000, ge=64, description="text budget of the prompt in context/hybrid modes")
