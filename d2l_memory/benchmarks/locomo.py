@@ -28,6 +28,7 @@ import re
 import string
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,10 +181,10 @@ def score(qa: dict[str, Any], answer: str, options: dict[str, str]) -> float:
 
 
 # -- the run -------------------------------------------------------------------------------------------
-def run(size: Size, systems: tuple[str, ...] | None = None, composition: str | None = None) -> dict[str, Any]:
+def run(size: Size, systems: Sequence[str] | None = None, composition: str | None = None) -> dict[str, Any]:
     """Absorb each conversation into every system, answer the sampled questions, score and time them
     (`composition`: `MemoryConfig.composition`, its default when None)."""
-    systems = systems or system_list(size.cd)
+    systems = tuple(systems or system_list(size.cd))
     started = environment()  # the date and commit the run started from
     data = {s["sample_id"]: s for s in load()}
     records: list[dict[str, Any]] = []
@@ -303,8 +304,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    result = run(SIZES["quick" if args.quick else args.size], tuple(args.systems) if args.systems else None,
-                 args.composition)
+    result = run(SIZES["quick" if args.quick else args.size], args.systems, args.composition)
     report(result, args, render, plot)
 
 

@@ -23,6 +23,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,12 +123,12 @@ def rescore(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def run(size: Size, systems: tuple[str, ...] | None = None, out: Path | None = None,
+def run(size: Size, systems: Sequence[str] | None = None, out: Path | None = None,
         composition: str | None = None) -> dict[str, Any]:
     """Absorb each question's sessions, answer it with every system, score and time (the result so far is
     saved to `out` after each question, so a run cut short still reports what it measured; `composition`:
     `MemoryConfig.composition`, its default when None)."""
-    systems = systems or system_list(size.cd)
+    systems = tuple(systems or system_list(size.cd))
     started = environment()  # the date and commit the run started from
     records: list[dict[str, Any]] = []
 
@@ -234,8 +235,7 @@ def main() -> None:
     else:
         torch.set_num_threads(args.threads)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-        result = run(QUICK if args.quick else FULL, tuple(args.systems) if args.systems else None, out=args.out,
-                     composition=args.composition)
+        result = run(QUICK if args.quick else FULL, args.systems, out=args.out, composition=args.composition)
     report(result, args, render, plot)
 
 
