@@ -46,8 +46,8 @@ lint: $(STAMP)
 # The small sizes; drop --quick for the reported ones (docs/benchmarks.md gives each exact command).
 bench: $(STAMP)
 	$(BIN)/python -m d2l_memory.benchmarks.internalize --quick
-	$(BIN)/python -m d2l_memory.store.bench --quick
-	$(BIN)/python -m d2l_memory.engines.bench --quick
+	$(BIN)/python -m d2l_memory.benchmarks.store --quick
+	$(BIN)/python -m d2l_memory.benchmarks.engines --quick
 	$(BIN)/d2l-memory bench locomo --quick
 	$(BIN)/d2l-memory bench longmemeval --quick
 	$(BIN)/d2l-memory bench needle --quick

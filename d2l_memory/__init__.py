@@ -24,25 +24,37 @@ _EXPORTS = {
     "D2LMemoryError": "d2l_memory.errors",
     "AdapterError": "d2l_memory.errors",
     "ModelNotInstalledError": "d2l_memory.errors",
+    "render_tool_output": "d2l_memory.transcripts",
+    "Kind": "d2l_memory.kinds",
+    "KINDS": "d2l_memory.kinds",
+    "Mode": "d2l_memory.kinds",
+    "MODES": "d2l_memory.kinds",
 }
 __all__ = [
+    "KINDS",
+    "MODES",
     "AdapterError",
     "D2LMemory",
     "D2LMemoryError",
     "DocToLoRA",
     "HypernetConfig",
+    "Kind",
     "LoRA",
     "MemoryConfig",
     "MemoryRecord",
+    "Mode",
     "ModelNotInstalledError",
+    "render_tool_output",
 ]
 
 if TYPE_CHECKING:
     from d2l_memory.d2l import DocToLoRA
     from d2l_memory.errors import AdapterError, D2LMemoryError, ModelNotInstalledError
     from d2l_memory.hypernet import HypernetConfig
+    from d2l_memory.kinds import KINDS, MODES, Kind, Mode
     from d2l_memory.lora import LoRA
     from d2l_memory.memory import D2LMemory, MemoryConfig, MemoryRecord
+    from d2l_memory.transcripts import render_tool_output
 
 
 def __getattr__(name: str) -> Any:

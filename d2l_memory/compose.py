@@ -33,7 +33,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from d2l_memory.home import home
@@ -71,6 +70,22 @@ def vllm_rank(rank: int) -> int:
         if rank <= allowed:
             return allowed
     raise ValueError(f"rank {rank} exceeds vLLM's largest LoRA rank {VLLM_RANKS[-1]}")
+
+
+def member_weight(composition: str, n_members: int) -> float:
+    """The weight of each of `n_members` recalled memories: `mean` gives 1/n (n memories move the model as
+    far as one), `sum` gives 1 (the paper's plain concatenation). Serving and meta-training both use it.
+
+    Raises:
+        ValueError: an unknown composition or no members.
+    """
+    if n_members < 1:
+        raise ValueError(f"a composition needs at least one member, got {n_members}")
+    if composition == "sum":
+        return 1.0
+    if composition == "mean":
+        return 1.0 / n_members
+    raise ValueError(f"unknown composition {composition!r}; expected 'sum' or 'mean'")
 
 
 @dataclass(frozen=True)
@@ -261,7 +276,7 @@ class ComposedCache:
         Such entries have no recipe: `erase` cannot find them by memory id; only eviction or `clear`
         removes them. Compose memories through `get_or_compose` so that forgetting reaches them.
         """
-        name = f"d2l-x{content_hash(lora)[:31]}"
+        name = f"d2l-x{lora.content_hash()[:31]}"
         hit = self.get(name)
         if hit is not None:
             return hit
@@ -348,20 +363,6 @@ class ComposedCache:
                     for name in (WEIGHTS_FILE, CONFIG_FILE):
                         (entry / name).unlink(missing_ok=True)
                     total -= sizes[entry]
-
-
-def content_hash(lora: LoRA) -> str:
-    """sha256 of an adapter's factors, scale and provenance, independent of any file layout.
-
-    (`LoRA.checksum` hashes safetensors bytes, whose header order is not fixed from one call to the next.)
-    """
-    digest = hashlib.sha256(json.dumps([lora.scale, lora.base_model, lora.hypernet]).encode())
-    for name in sorted(lora.weights):
-        digest.update(name.encode())
-        for factor in lora.weights[name]:
-            digest.update(str((factor.dtype, tuple(factor.shape))).encode())
-            digest.update(factor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _read_meta(entry: Path) -> dict | None:

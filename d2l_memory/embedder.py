@@ -51,7 +51,3 @@ class Embedder:
         vectors = self._model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True,
                                      show_progress_bar=False)
         return vectors.astype(np.float32)
-
-    def embed_one(self, text: str) -> np.ndarray:
-        """Embed one text into a `[384]` unit vector."""
-        return self.embed([text])[0]

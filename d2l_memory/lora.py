@@ -280,17 +280,16 @@ class LoRA:
                    hypernet=meta.get("hypernet", ""), n_chunks=int(meta.get("n_chunks", 1)),
                    bias_rows=int(meta.get("bias_rows", 0)))
 
-    def checksum(self) -> str:
-        """sha256 of the content (provenance, then every factor in module order): a stable id.
-
-        Not of `to_bytes()`: safetensors writes header metadata in no fixed order, so equal adapters
-        can serialise to different bytes.
-        """
-        digest = hashlib.sha256(json.dumps(self._metadata(), sort_keys=True).encode())
+    def content_hash(self) -> str:
+        """sha256 of the factors (dtype, shape and bytes, in module order), scale and provenance: a stable
+        id of the content, independent of any file layout (safetensors writes its header in no fixed
+        order, so equal adapters can serialise to different bytes). Composed adapters are named by it."""
+        digest = hashlib.sha256(json.dumps([self.scale, self.base_model, self.hypernet]).encode())
         for name in sorted(self.weights):
-            for tensor in self.weights[name]:
-                digest.update(name.encode())
-                digest.update(tensor.detach().contiguous().cpu().float().numpy().tobytes())
+            digest.update(name.encode())
+            for factor in self.weights[name]:
+                digest.update(str((factor.dtype, tuple(factor.shape))).encode())
+                digest.update(factor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
     def save_peft(self, directory: str | Path) -> Path:

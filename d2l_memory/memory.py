@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -18,18 +17,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from d2l_memory.chunking import validate_text
-from d2l_memory.compose import ComposedCache, Recipe, cache_root_for
+from d2l_memory.compose import ComposedCache, Recipe, cache_root_for, member_weight
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.engines import Engine, GenerationParams, make_engine
+from d2l_memory.kinds import KINDS, MODES, Kind
 from d2l_memory.models import DEFAULT_MODEL, load_model
 from d2l_memory.prompts import QA_TEMPLATE
 from d2l_memory.store import MemoryStore, StoredMemory
-from d2l_memory.store.schema import KINDS
+from d2l_memory.transcripts import render_tool_output, segment_turns, transcript_turns
 
 log = logging.getLogger(__name__)
-
-Mode = Literal["adapter", "context", "hybrid", "none"]
-MODES: tuple[str, ...] = ("adapter", "context", "hybrid", "none")
 
 
 class MemoryConfig(BaseModel):
@@ -62,7 +59,7 @@ class MemoryRecord(BaseModel):
 
     id: str
     user_id: str
-    kind: Literal["document", "chat", "tool"]
+    kind: Kind
     text: str | None
     created_at: datetime
     n_tokens: int
@@ -76,65 +73,6 @@ class MemoryRecord(BaseModel):
     @classmethod
     def from_stored(cls, stored: StoredMemory) -> MemoryRecord:
         return cls(**stored.model_dump(include=set(cls.model_fields)))
-
-
-def render_tool_output(output: object) -> str:
-    """Tool results as text a small model reads: JSON objects become `key: value` lines.
-
-    Raises:
-        TypeError: a value that is neither text nor JSON-serialisable.
-    """
-    if isinstance(output, str):
-        try:
-            output = json.loads(output)
-        except ValueError:
-            return output
-        if isinstance(output, str):
-            return output
-    try:
-        json.dumps(output)
-    except TypeError as exc:
-        raise TypeError(f"tool output must be text or JSON-serialisable, got {type(output).__name__}") from exc
-
-    def lines(value: object, prefix: str = "") -> Iterator[str]:
-        if isinstance(value, Mapping):
-            for key, item in value.items():
-                yield from lines(item, f"{prefix}{key}." if isinstance(item, Mapping | list) else f"{prefix}{key}")
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                yield from lines(item, f"{prefix}{i + 1}." if isinstance(item, Mapping | list) else f"{prefix}{i + 1}")
-        else:
-            yield f"{prefix.rstrip('.')}: {value}" if prefix else str(value)
-
-    return "\n".join(lines(output))
-
-
-def normalize_messages(messages: object) -> list[tuple[str, str]]:
-    """`(role, content)` pairs from tuples, `{"role", "content"}` dicts or LangChain messages.
-
-    Raises:
-        TypeError: anything else, or content that is not text.
-        ValueError: an empty list.
-    """
-    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
-        raise TypeError("messages must be a list of (role, content) tuples, dicts or LangChain messages")
-    if not messages:
-        raise ValueError("messages is empty")
-    roles = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
-    out = []
-    for m in messages:
-        if isinstance(m, tuple) and len(m) == 2:
-            role, content = m
-        elif isinstance(m, Mapping):
-            role, content = m.get("role"), m.get("content")
-        elif hasattr(m, "type") and hasattr(m, "content"):  # a LangChain BaseMessage, without importing it
-            role, content = roles.get(m.type, m.type), m.content
-        else:
-            raise TypeError(f"cannot read a message from {type(m).__name__}: use (role, content) or a dict")
-        if not isinstance(role, str) or not isinstance(content, str):
-            raise TypeError(f"message role and content must be str, got {role!r} and {type(content).__name__}")
-        out.append((role, content))
-    return out
 
 
 class D2LMemory:
@@ -202,7 +140,7 @@ class D2LMemory:
                              f"{self.config.max_document_chars:,}; split it or raise the cap")
         self.store.validate_scope(user_id=user_id, agent_id=agent_id, session_id=session_id)
         lora = self.d2l.internalize(text)
-        n_tokens = len(self.d2l.base.tokenizer(text, add_special_tokens=False)["input_ids"])
+        n_tokens = self.count_tokens(text)
         stored = self.store.add(user_id, lora, text=text, kind=kind, agent_id=agent_id, session_id=session_id,
                                 n_tokens=n_tokens, metadata=metadata)
         return MemoryRecord.from_stored(stored)
@@ -224,27 +162,17 @@ class D2LMemory:
                 token budget.
         """
         budget = self.config.segment_tokens if segment_tokens is None else segment_tokens
-        if budget <= 0:
-            raise ValueError(f"segment_tokens must be positive, got {budget}")
-        if isinstance(roles, str):
-            raise TypeError(f"roles must be a collection of role names such as ('user',), not the string {roles!r}")
-        turns = [f"{role.capitalize()}: {content.strip()}" for role, content in normalize_messages(messages)
-                 if content.strip() and (roles is None or role in roles)]
+        turns = transcript_turns(messages, roles)
         if not turns:
             raise ValueError("messages hold no text" if roles is None else
                              f"messages hold no text from the roles {sorted(roles)}")
-        tok = self.d2l.base.tokenizer
-        segments: list[list[str]] = [[]]
-        used = 0
-        for turn in turns:
-            n = len(tok(turn, add_special_tokens=False)["input_ids"])
-            if segments[-1] and used + n > budget:
-                segments.append([])
-                used = 0
-            segments[-1].append(turn)
-            used += n
-        return [self.absorb("\n".join(seg), user_id, "chat", agent_id=agent_id, session_id=session_id,
+        segments = segment_turns(turns, self.count_tokens, budget)
+        return [self.absorb(seg, user_id, "chat", agent_id=agent_id, session_id=session_id,
                             metadata=metadata) for seg in segments]
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` in the base model's tokenizer, as plain text (no special tokens)."""
+        return len(self.d2l.base.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def forget(self, memory_id: str | None = None, *, user_id: str | None = None) -> int:
         """Delete one memory, or all of a user's; composed adapters containing them are erased too.
@@ -295,7 +223,7 @@ class D2LMemory:
         hits = [] if mode == "none" else self.relevant(message, user_id, k, **scope)
         adapter = None
         if mode in ("adapter", "hybrid") and hits:
-            weight = 1.0 if self.config.composition == "sum" else 1.0 / len(hits)
+            weight = member_weight(self.config.composition, len(hits))
             recipe = Recipe(members=tuple((h.id, weight) for h in hits), base_model=self.d2l.base.model_id,
                             hypernet=self.d2l.checksum, rank_budget=self.config.rank_budget)
             adapter = self.cache.get_or_compose(recipe, self.store)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import get_args
 
 import pytest
 import torch
 from typer.testing import CliRunner, Result
 
-from d2l_memory.cli import Kind, Mode, app
+from d2l_memory.cli import app
 
 FACT = "Alice's favorite color is teal."
 QUESTION = "What is Alice's favorite color?"
@@ -42,13 +41,6 @@ def absorbed(store, tmp_path_factory) -> dict[str, dict]:
     assert bob.exit_code == 0, bob.output
     [alice_record], [bob_record] = json.loads(alice.stdout), json.loads(bob.stdout)
     return {"alice": alice_record, "bob": bob_record}
-
-
-def test_cli_choices_match_the_library():
-    from d2l_memory.memory import MODES
-    from d2l_memory.store.schema import KINDS
-
-    assert get_args(Kind) == tuple(KINDS) and get_args(Mode) == MODES
 
 
 def test_absorb_a_file_and_stdin_as_json(absorbed):

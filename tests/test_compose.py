@@ -14,7 +14,6 @@ from d2l_memory.compose import (
     Recipe,
     check_name,
     compose,
-    content_hash,
     vllm_rank,
 )
 from d2l_memory.errors import AdapterError
@@ -154,7 +153,7 @@ def test_entries_are_whole_and_loadable_by_peft_config(tmp_path) -> None:
     assert config["r"] == 8 and config["lora_alpha"] == 8.0 and entry.rank == 5
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     assert cache.export(random_lora(7, rank=5)).name == entry.name  # named by content, stably
-    assert content_hash(random_lora(7, rank=5)) != content_hash(random_lora(8, rank=5))
+    assert random_lora(7, rank=5).content_hash() != random_lora(8, rank=5).content_hash()
 
 
 @pytest.mark.parametrize("name", ["../x", "d2l-../../etc", "a/b", "/abs", "..", "D2L-ABC", "d2l_x", "",

@@ -8,7 +8,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 
 from d2l_memory import D2LMemory, MemoryRecord
-from d2l_memory.memory import render_tool_output
+from d2l_memory.transcripts import render_tool_output
 
 FACT = "Alice's favorite color is teal. Alice lives in Lisbon."
 

@@ -26,6 +26,7 @@ from d2l_memory.lora import LoRA
 from d2l_memory.memory import MemoryConfig
 from d2l_memory.prompts import QA_TEMPLATE
 from d2l_memory.training.cd import GENERIC_PROBES, context_distill
+from d2l_memory.transcripts import segment_turns
 
 if TYPE_CHECKING:
     from d2l_memory.memory import D2LMemory
@@ -108,23 +109,10 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def segments(sessions: Sequence[tuple[str, Sequence[str]]], tokenizer: Any, budget: int) -> list[str]:
-    """Cut dated sessions into memories of at most `budget` tokens at turn boundaries, as
-    `D2LMemory.absorb_messages` does, each starting with its session's header line (e.g. its date) so that
-    a memory recalled alone still says when it was said. A longer single turn is its own memory."""
-    out: list[str] = []
-    for header, turns in sessions:
-        current: list[str] = []
-        used = 0
-        for turn in turns:
-            n = len(tokenizer(turn, add_special_tokens=False)["input_ids"])
-            if current and used + n > budget:
-                out.append("\n".join([header, *current]))
-                current, used = [], 0
-            current.append(turn)
-            used += n
-        if current:
-            out.append("\n".join([header, *current]))
-    return out
+    """Dated sessions as the memories `D2LMemory.absorb_messages` would make of them, each starting with
+    its session's header line (e.g. its date)."""
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    return [seg for header, turns in sessions for seg in segment_turns(turns, count, budget, header)]
 
 
 def ask(mem: D2LMemory, question: str, user_id: str, system: str, max_new_tokens: int) -> Answer:

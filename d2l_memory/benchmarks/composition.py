@@ -21,8 +21,8 @@ import torch
 from pydantic import BaseModel
 
 from d2l_memory.benchmarks.common import bench_args, environment, memory_in_tempdir, pyplot, report, save_figure, table
+from d2l_memory.scoring import normalize
 from d2l_memory.training.data import fact_sample
-from d2l_memory.training.teacher import normalize
 
 SEED = 31_337  # neither a training seed nor the evaluation's
 SYSTEMS = ("sum", "mean", "alone", "none")

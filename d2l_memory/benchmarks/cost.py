@@ -10,9 +10,9 @@ One process measures:
    measured where internalized, computed beyond) and the composed adapter actually served (rank <= 64);
 3. first-token latency on the embedded (transformers) engine: the question with the adapter against
    the question with the text in the prompt;
-4. with `--vllm` (on in the full size where vLLM is installed): `d2l_memory.engines.bench` (throughput
+4. with `--vllm` (on in the full size where vLLM is installed): `d2l_memory.benchmarks.engines` (throughput
    with N distinct user adapters, composition and load times, vLLM first-token latency), reused as is;
-5. with `--store`: `d2l_memory.store.bench` at 1k/10k memories (the 100k size is run and reported on
+5. with `--store`: `d2l_memory.benchmarks.store` at 1k/10k memories (the 100k size is run and reported on
    its own; see docs/benchmarks.md).
 """
 
@@ -129,12 +129,12 @@ def run(size: Size) -> dict[str, Any]:
 
     # 4. vLLM serving, reusing the engine benchmark (its own process-wide engine, after ours is closed)
     if size.vllm and importlib.util.find_spec("vllm") is not None:
-        from d2l_memory.engines.bench import run_engine_bench
+        from d2l_memory.benchmarks.engines import run_engine_bench
 
         result["vllm"] = run_engine_bench(quick=True)
     # 5. store
     if size.store:
-        from d2l_memory.store.bench import run_store_bench
+        from d2l_memory.benchmarks.store import run_store_bench
 
         result["store"] = run_store_bench(quick=True)
     return result

@@ -25,9 +25,7 @@ import json
 import logging
 import random
 import re
-import string
 import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +51,7 @@ from d2l_memory.benchmarks.common import (
     system_list,
     table,
 )
+from d2l_memory.scoring import LOCOMO_DROPPED, normalize, token_f1
 from d2l_memory.training.data import shared_data
 
 log = logging.getLogger(__name__)
@@ -137,20 +136,9 @@ def prompt_for(qa: dict[str, Any], rng: random.Random) -> tuple[str, dict[str, s
 
 
 # -- scoring (LoCoMo's evaluation.py, without stemming) ------------------------------------------------
-def normalize_answer(text: str) -> str:
-    """LoCoMo's normalisation: no commas, lower case, no punctuation, no a/an/the/and, single spaces."""
-    text = "".join(ch for ch in text.replace(",", "").lower() if ch not in string.punctuation)
-    return " ".join(re.sub(r"\b(a|an|the|and)\b", " ", text).split())
-
-
 def f1_score(prediction: str, gold: str) -> float:
-    """Bag-of-tokens F1 after `normalize_answer`."""
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    """LoCoMo's bag-of-tokens F1 (articles and "and" dropped)."""
+    return token_f1(prediction, gold, LOCOMO_DROPPED)
 
 
 def multi_f1(prediction: str, gold: str) -> float:
@@ -165,7 +153,8 @@ def chosen_option(answer: str, options: dict[str, str]) -> str | None:
     for letter in ("a", "b"):
         if f"({letter})" in low or low.startswith(f"{letter})") or low.strip() in (letter, f"{letter}."):
             return letter
-    hits = [k for k, v in options.items() if normalize_answer(v) and normalize_answer(v) in normalize_answer(answer)]
+    said = normalize(answer, LOCOMO_DROPPED)
+    hits = [k for k, v in options.items() if normalize(v, LOCOMO_DROPPED) and normalize(v, LOCOMO_DROPPED) in said]
     return hits[0] if len(hits) == 1 else None
 
 

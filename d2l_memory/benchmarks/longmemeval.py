@@ -48,9 +48,8 @@ from d2l_memory.benchmarks.common import (
     system_list,
     table,
 )
+from d2l_memory.scoring import normalize, token_f1
 from d2l_memory.training.data import shared_data
-from d2l_memory.training.evaluate import token_f1
-from d2l_memory.training.teacher import normalize
 
 log = logging.getLogger(__name__)
 TYPES = ("single-session-user", "single-session-assistant", "single-session-preference", "multi-session",

@@ -15,7 +15,6 @@ Sizes: `--quick` is 256-token needles (4) and 4 SQuAD questions; the reported si
 
 from __future__ import annotations
 
-import inspect
 import time
 from pathlib import Path
 from typing import Any
@@ -70,7 +69,7 @@ def run(size: Size, d2l: DocToLoRA | None = None, parts: tuple[str, ...] = ("swe
     if "squad" in parts:
         start = time.perf_counter()
         result["squad"] = run_eval(d2l, size.squad_n, (), ("squad",))["squad"]
-        if size.cd_n and size.cd_steps and "cd_steps" in inspect.signature(run_eval).parameters:
+        if size.cd_n and size.cd_steps:
             result["squad_cd"] = run_eval(d2l, size.cd_n, (), ("squad",), cd_steps=size.cd_steps)["squad"]
         result["wall_s"]["squad"] = time.perf_counter() - start
     return result

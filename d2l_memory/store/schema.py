@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import lancedb
 import pyarrow as pa
@@ -25,6 +25,7 @@ from lancedb.pydantic import LanceModel, Vector
 from pydantic import BaseModel, ConfigDict, Field
 
 from d2l_memory.embedder import EMBEDDING_DIM
+from d2l_memory.kinds import Kind
 from d2l_memory.lora import LoRA
 
 if TYPE_CHECKING:
@@ -35,8 +36,6 @@ MEMORIES_TABLE = "memories"
 META_TABLE = "meta"
 VERSION_KEY = "schema_version"
 
-Kind = Literal["document", "chat", "tool"]
-KINDS: tuple[str, ...] = ("document", "chat", "tool")
 
 
 class MemoryRow(LanceModel):

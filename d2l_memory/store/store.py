@@ -44,16 +44,15 @@ from lancedb.query import MatchQuery
 
 from d2l_memory.embedder import EMBEDDING_DIM, Embedder
 from d2l_memory.errors import AdapterError, D2LMemoryError, MemoryNotFoundError, SchemaVersionError
+from d2l_memory.kinds import KINDS, Kind
 from d2l_memory.lora import LoRA
 from d2l_memory.store.schema import (
-    KINDS,
     MEMORIES_TABLE,
     META_TABLE,
     MIGRATIONS,
     RECORD_COLUMNS,
     SCHEMA_VERSION,
     VERSION_KEY,
-    Kind,
     MemoryInput,
     MemoryRow,
     MetaRow,

@@ -18,8 +18,6 @@ Shard format (no pickle): `NAME.safetensors` with `tokens [T]`, `topk_ids [T, k]
 from __future__ import annotations
 
 import json
-import re
-import string
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,13 +27,8 @@ from tqdm import tqdm
 
 from d2l_memory.models import LoadedModel
 from d2l_memory.prompts import QA_TEMPLATE
+from d2l_memory.scoring import normalize
 from d2l_memory.training.data import Sample
-
-
-def normalize(text: str) -> str:
-    """SQuAD-style answer normalisation: lower case, no punctuation, articles or extra spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
 def prompt_ids(model: LoadedModel, question: str, context: str | None) -> list[int]:

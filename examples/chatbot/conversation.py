@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Generator
 from uuid import uuid4
 
-from d2l_memory import D2LMemory, MemoryRecord
+from d2l_memory import MODES, D2LMemory, MemoryRecord
 from d2l_memory.cli import HISTORY_MESSAGES
 from d2l_memory.errors import MemoryNotFoundError
-from d2l_memory.memory import MODES
 from d2l_memory.store import MemoryStore
 
 # hybrid: the memories' adapter plus their best snippet in the prompt. With the young shipped hypernetwork

@@ -28,9 +28,8 @@ from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from d2l_memory import D2LMemory, MemoryRecord
+from d2l_memory import MODES, D2LMemory, MemoryRecord
 from d2l_memory.errors import D2LMemoryError, MemoryNotFoundError
-from d2l_memory.memory import MODES
 from examples.chatbot.conversation import DEFAULT_MODE, Conversation, forget, memories
 
 PAGE = Path(__file__).with_name("static") / "index.html"

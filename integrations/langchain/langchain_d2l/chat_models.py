@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
@@ -12,12 +12,10 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import AliasChoices, Field
 
+from d2l_memory import D2LMemory, Mode
 from d2l_memory.engines import GenerationParams
 from d2l_memory.engines.base import render_chat
-from d2l_memory.memory import D2LMemory
 from langchain_d2l._utils import last_human, to_chat
-
-Mode = Literal["adapter", "context", "hybrid", "none"]
 
 # Per-call options (`model.invoke(msgs, mode="context")`, `.bind(user_id=...)`): they override the fields.
 CALL_OPTIONS = frozenset({"user_id", "mode", "k", "agent_id", "session_id", "max_tokens", "temperature", "top_p",

@@ -25,9 +25,9 @@ from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, ToolMes
 from langgraph.config import get_config
 from langgraph.runtime import Runtime
 
-from d2l_memory.memory import D2LMemory
+from d2l_memory import MODES, D2LMemory, Mode
 from langchain_d2l._utils import last_human, message_text, user_from_runtime
-from langchain_d2l.chat_models import ChatD2L, Mode
+from langchain_d2l.chat_models import ChatD2L
 
 
 class D2LMemoryState(AgentState):
@@ -68,8 +68,8 @@ class D2LMemoryMiddleware(AgentMiddleware[D2LMemoryState, Any, Any]):
                  k: int | None = None, agent_id: str | None = None, absorb_turns: bool = True,
                  absorb_tools: bool = True, user_key: str = "user_id") -> None:
         super().__init__()
-        if mode not in ("adapter", "context", "hybrid", "none"):
-            raise ValueError(f"unknown mode {mode!r}; expected 'adapter', 'context', 'hybrid' or 'none'")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         self.memory = memory
         self.user_id = user_id
         self.mode = mode

@@ -12,18 +12,33 @@ so namespaces follow d2l-memory's own scopes, and LangGraph's prefix search is s
 agent is listed under `(*prefix, user_id)`. Other namespaces raise `InvalidNamespaceError`; searching
 above the user level (e.g. `("memories",)`) is refused, so a search never crosses users.
 
+Labels: any label LangGraph allows (a non-empty str without `.` or NUL) works. A label made only of d2l's
+id characters (letters, digits, `_ : @ + / = -`) is the d2l id as it is; any other (`auth0|abc`, `José`,
+`two words`) is stored as `.` + base32 of its UTF-8 bytes, which no LangGraph label can collide with
+(LangGraph labels never hold a period) and which reads back as the label. d2l ids hold 256 characters, so
+an encoded label holds up to 159 bytes of UTF-8; a longer label is refused on `put` and found nowhere.
+
 Items: `put` absorbs the value's text (see `D2LStore`) with the item's key and value kept in the memory's
-metadata (`metadata["langgraph"] = {"key", "value"}`); `get` returns the value as put; `search` with a
-query is `D2LMemory.recall` (score: cosine similarity), without one the scope's memories newest first;
-`delete` is `D2LMemory.forget`. A second `put` of a key absorbs the new value, then forgets the old memory.
+metadata (`metadata["langgraph"] = {"key", "value", "fields", "indexed", "created_at"}`); `get` returns
+the value as put; `search` with a query ranks by cosine similarity (the best of the item's indexed texts,
+as LangGraph scores), without one lists the scope's memories newest first; `delete` forgets every copy of
+the item. A second `put` of a key absorbs the new value, then forgets the old memory.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping, Sequence
+import base64
+import binascii
+import json
+import re
+import threading
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 from langgraph.store.base import (
     BaseStore,
     GetOp,
@@ -37,19 +52,33 @@ from langgraph.store.base import (
     SearchItem,
     SearchOp,
     get_text_at_path,
-    tokenize_path,
 )
 from langgraph.store.base import validate_op_namespace as _validate_labels
 
-from d2l_memory.memory import D2LMemory, MemoryRecord, render_tool_output
+from d2l_memory import D2LMemory, MemoryRecord, render_tool_output
 
 META = "langgraph"
 SCOPES = ("user_id", "agent_id", "session_id")
+DEFAULT_FIELDS = ("text", "content", "memory")
+# A query search ranks at least this many of the scope's memories by their stored embedding before the
+# store re-scores items with several indexed texts; an item whose best text matches ranks well above this
+# depth even on its joined embedding (an exact match on one of two fields: 0.43-0.83).
+SEARCH_DEPTH = 256
+_VECTORS_KEPT = 4096  # per-text embeddings of multi-text items, cached by memory id (memories never change)
+
+# d2l-memory's id characters (`MemoryStore`'s `_NAME`) without the period, which LangGraph labels never hold.
+_PLAIN = re.compile(r"[A-Za-z0-9_:@+/=\-]{1,256}")
+_ENCODED = re.compile(r"\.([A-Z2-7]+)")
+_MAX_ID_CHARS = 256
 _OPERATORS = {
     "$eq": lambda a, b: a == b, "$ne": lambda a, b: a != b,
     "$gt": lambda a, b: a is not None and a > b, "$gte": lambda a, b: a is not None and a >= b,
     "$lt": lambda a, b: a is not None and a < b, "$lte": lambda a, b: a is not None and a <= b,
 }
+
+
+class _Unrepresentable(InvalidNamespaceError):
+    """A valid LangGraph label that no d2l id can hold (too long): refused on put, empty on reads."""
 
 
 class D2LStore(BaseStore):
@@ -58,13 +87,21 @@ class D2LStore(BaseStore):
     Args:
         memory: the memories (and the model that absorbs them).
         prefix: the namespace labels before the user id; `()` makes namespaces `(user_id, ...)`.
-        fields: value paths whose text is absorbed (LangGraph path syntax, `"content.text"`); a `put`'s
-            `index=[...]` overrides them. None: the first of `text`, `content`, `memory` that holds a
-            string, else the whole value rendered as `key: value` lines.
+        fields: value paths whose text is indexed (LangGraph path syntax, `"content.text"`, `"$"` for the
+            whole value as JSON); a `put`'s `index=[...]` overrides them. None: the first of `text`,
+            `content`, `memory` that holds a string, else the whole value rendered as `key: value` lines.
         kind: the memory kind of items put here (`document`, `chat` or `tool`).
 
-    `put(..., index=False)` still absorbs the item: every d2l memory has an embedding and an adapter.
-    TTLs are not supported.
+    Every item is a d2l memory, so every item is absorbed (an adapter and an embedding); the indexed texts,
+    joined, are what it absorbs. An item with no text to index (`index=False`, `{}`, `{"text": ""}`) is
+    absorbed from its rendered value and marked unindexed: `get`, `search` without a query, `delete` and
+    `list_namespaces` see it; `search` with a query skips it, as LangGraph's stores do with unembedded
+    items. Several indexed texts (several fields, or `[*]` paths) are scored one by one and the item gets
+    the best score, as in LangGraph. TTLs are not supported.
+
+    Writers of one key are serialised within the process (a lock per namespace and key, shared by every
+    `D2LStore` over the same `D2LMemory`), so concurrent puts leave exactly one item. Across processes, a
+    put forgets every older copy of its key once its own is durable, and reads take the newest copy.
 
     Example:
         ```python
@@ -79,11 +116,20 @@ class D2LStore(BaseStore):
                  fields: Sequence[str] | None = None, kind: str = "document") -> None:
         self.memory = memory
         self.prefix = tuple(prefix)
-        self.fields = None if fields is None else [(path, tokenize_path(path)) for path in fields]
+        self.fields = None if fields is None else list(fields)
         self.kind = kind
+        self._locks = _locks_for(memory)
+        self._vectors: dict[str, np.ndarray] = {}
+        self._vectors_lock = threading.Lock()
 
     # -- namespaces <-> scopes ------------------------------------------------------------------------
     def _scope(self, namespace: tuple[str, ...], *, search: bool = False) -> dict[str, str]:
+        """The d2l scope (encoded ids) of a namespace.
+
+        Raises:
+            InvalidNamespaceError: a namespace outside this store's layout, or a search above the user.
+            _Unrepresentable: a label too long for a d2l id.
+        """
         n = len(self.prefix)
         labels = namespace[n:]
         if namespace[:n] != self.prefix or not 1 <= len(labels) <= len(SCOPES):
@@ -92,81 +138,185 @@ class D2LStore(BaseStore):
                 f"{where} {namespace!r} does not map to a d2l-memory scope: use {(*self.prefix, 'user_id')!r}, "
                 f"optionally followed by an agent id and a session id"
                 + ("; searches never cross users" if search and namespace[:n] == self.prefix else ""))
-        return dict(zip(SCOPES, labels, strict=False))
+        return dict(zip(SCOPES, map(_encode_label, labels), strict=False))
+
+    def _labels(self, user_id: str, agent_id: str | None, session_id: str | None) -> tuple[str, ...]:
+        # A session without an agent has no namespace of its own (the session label would sit where the
+        # agent's goes), so such memories belong to the user's namespace.
+        scope = (user_id, agent_id, session_id if agent_id else None)
+        return (*self.prefix, *(_decode_label(label) for label in scope if label))
 
     def _namespace(self, record: MemoryRecord) -> tuple[str, ...]:
-        scope = (record.user_id, record.agent_id, record.session_id if record.agent_id else None)
-        return (*self.prefix, *(label for label in scope if label is not None))
+        return self._labels(record.user_id, record.agent_id, record.session_id)
 
     @staticmethod
-    def _key(record: MemoryRecord) -> str:
-        return (record.metadata.get(META) or {}).get("key") or record.id
+    def _meta(record: MemoryRecord) -> dict[str, Any] | None:
+        meta = record.metadata.get(META)
+        return meta if isinstance(meta, dict) and "key" in meta else None
 
-    @staticmethod
-    def _value(record: MemoryRecord) -> dict[str, Any]:
-        if META in record.metadata:
-            return dict(record.metadata[META]["value"])
+    def _key(self, record: MemoryRecord) -> str:
+        meta = self._meta(record)
+        return str(meta["key"]) if meta is not None else record.id  # "" is a key like any other
+
+    def _value(self, record: MemoryRecord) -> dict[str, Any]:
+        meta = self._meta(record)
+        if meta is not None:
+            return dict(meta["value"])
         value: dict[str, Any] = {"text": record.text, "kind": record.kind}
         return value | ({"metadata": record.metadata} if record.metadata else {})
 
     def _item(self, record: MemoryRecord, cls: type[Item] = Item, **extra: Any) -> Any:
+        meta = self._meta(record) or {}
         return cls(namespace=self._namespace(record), key=self._key(record), value=self._value(record),
-                   created_at=record.created_at, updated_at=record.created_at, **extra)
+                   created_at=meta.get("created_at") or record.created_at, updated_at=record.created_at, **extra)
 
-    def _in_scope(self, namespace: tuple[str, ...]) -> list[MemoryRecord]:
+    def _copies(self, namespace: tuple[str, ...], key: str) -> list[MemoryRecord]:
+        """Every memory holding the item, newest first (more than one only while writers race)."""
         scope = self._scope(namespace)
-        return self.memory.list(scope.pop("user_id"), **scope)
+        records = self.memory.list(scope.pop("user_id"), **scope)
+        return [r for r in records if self._namespace(r) == namespace and self._key(r) == key]
 
-    def _find(self, namespace: tuple[str, ...], key: str) -> MemoryRecord | None:
-        return next((r for r in self._in_scope(namespace) if self._namespace(r) == namespace and self._key(r) == key),
-                    None)
+    # -- what an item absorbs and indexes -------------------------------------------------------------
+    def _texts(self, value: Mapping[str, Any], fields: Sequence[str] | None) -> list[str]:
+        """The value's texts to index, one per field (and array element), blank ones left out."""
+        if fields is not None:
+            return [t for path in fields for t in get_text_at_path(value, path) if t.strip()]
+        field = next((f for f in DEFAULT_FIELDS if isinstance(value.get(f), str)), None)
+        text = value[field] if field is not None else render_tool_output(dict(value))
+        return [text] if text.strip() else []
 
-    def _text(self, value: Mapping[str, Any], index: list[str] | None) -> str:
-        paths = [(p, tokenize_path(p)) for p in index] if index else self.fields
-        if paths:
-            texts = [t for _, path in paths for t in get_text_at_path(value, path) if t.strip()]
-            if not texts:
-                raise ValueError(f"the value has no text at {[p for p, _ in paths]}")
-            return "\n".join(texts)
-        text = next((value[f] for f in ("text", "content", "memory") if isinstance(value.get(f), str)), None)
-        return text if text is not None else render_tool_output(dict(value))
+    def _entry(self, op: PutOp, created_at: str | None) -> tuple[str, dict[str, Any]]:
+        """The text to absorb for a put, and the metadata that makes the memory an item."""
+        value = dict(op.value or {})
+        fields = list(op.index) if isinstance(op.index, list | tuple) else self.fields
+        texts = [] if op.index is False else self._texts(value, fields)
+        if texts:
+            text = "\n".join(texts)
+        else:  # absorb needs text: an unindexed item is absorbed as its value, and never searched by it
+            text = "\n".join(self._texts(value, None)) or json.dumps(value, ensure_ascii=False, sort_keys=True)
+        meta = {"key": op.key, "value": value, "fields": fields, "indexed": bool(texts), "created_at": created_at}
+        return text, meta
+
+    def _best_scores(self, query: str, records: list[MemoryRecord]) -> dict[str, float]:
+        """Scores of the items with several indexed texts: the best cosine of the query with each text,
+        as LangGraph scores a multi-field item (their memory's own embedding is of the joined texts)."""
+        several = {}
+        for record in records:
+            meta = self._meta(record)
+            if meta is not None and meta.get("indexed", True):
+                texts = self._texts(meta["value"], meta.get("fields"))
+                if len(texts) > 1:
+                    several[record.id] = texts
+        if not several:
+            return {}
+        embedder = self.memory.store.embedder
+        with self._vectors_lock:
+            missing = [i for i in several if i not in self._vectors]
+        if missing:
+            vectors = embedder.embed([t for i in missing for t in several[i]])
+            with self._vectors_lock:
+                start = 0
+                for i in missing:
+                    if len(self._vectors) >= _VECTORS_KEPT:
+                        self._vectors.pop(next(iter(self._vectors)))
+                    self._vectors[i] = vectors[start : start + len(several[i])]
+                    start += len(several[i])
+        q = embedder.embed([query])[0]
+        with self._vectors_lock:
+            return {i: float(np.max(self._vectors[i] @ q)) for i in several if i in self._vectors}
 
     # -- operations ----------------------------------------------------------------------------------
     def _get(self, op: GetOp) -> Item | None:
-        record = self._find(op.namespace, op.key)
-        return None if record is None else self._item(record)
+        try:
+            copies = self._copies(op.namespace, op.key)
+        except _Unrepresentable:
+            return None
+        return self._item(copies[0]) if copies else None
 
     def _put(self, op: PutOp) -> None:
-        old = self._find(op.namespace, op.key)
-        if op.value is not None:
-            scope = self._scope(op.namespace)
-            self.memory.absorb(self._text(op.value, op.index or None), scope.pop("user_id"), self.kind,
-                               metadata={META: {"key": op.key, "value": dict(op.value)}}, **scope)
-        if old is not None:  # after the new memory is durable: a failed put leaves the old item
-            self.memory.forget(old.id)
+        if op.value is None:
+            self._delete(op)
+            return
+        scope = self._scope(op.namespace)  # an invalid namespace raises before any work
+        with self._locks.hold((op.namespace, op.key)):
+            copies = self._copies(op.namespace, op.key)
+            created = self._item(copies[0]).created_at.isoformat() if copies else None
+            text, meta = self._entry(op, created)
+            new = self.memory.absorb(text, scope.pop("user_id"), self.kind, metadata={META: meta}, **scope)
+            # After the new memory is durable (a failed put leaves the old item): forget the copies seen
+            # above and any a writer in another process committed meanwhile, but only older ones; a newer
+            # copy's writer forgets this one, so racing processes converge on the newest.
+            for record in self._copies(op.namespace, op.key):
+                if (record.created_at, record.id) < (new.created_at, new.id):
+                    self.memory.forget(record.id)
+
+    def _delete(self, op: PutOp) -> None:
+        try:
+            self._scope(op.namespace)
+        except _Unrepresentable:
+            return
+        with self._locks.hold((op.namespace, op.key)):
+            for record in self._copies(op.namespace, op.key):  # every copy: a deleted key never reads back
+                self.memory.forget(record.id)
 
     def _search(self, op: SearchOp) -> list[SearchItem]:
-        scope = self._scope(op.namespace_prefix, search=True)
+        try:
+            scope = self._scope(op.namespace_prefix, search=True)
+        except _Unrepresentable:
+            return []
         user_id = scope.pop("user_id")
-        if op.query:
-            k = op.offset + op.limit if not op.filter else max(1, len(self.memory.list(user_id, **scope)))
-            records = self.memory.recall(op.query, user_id, k=max(1, k), **scope)
-        else:
-            records = self.memory.list(user_id, **scope)
-        hits = [r for r in records if not op.filter or _matches(self._value(r), op.filter)]
-        return [self._item(r, SearchItem, score=r.score) for r in hits[op.offset : op.offset + op.limit]]
+        query = op.query if op.query and op.query.strip() else None
+        want = op.offset + op.limit
+        if query is None:
+            hits = self._ranked(self.memory.list(user_id, **scope), op.filter, None)
+            return hits[op.offset : want]
+        total = self.memory.store.count(user_id)  # an upper bound of the scope's size
+        if total == 0:
+            return []
+        depth = total if op.filter else min(total, max(want, SEARCH_DEPTH))
+        while True:
+            hits = self._ranked(self.memory.recall(query, user_id, k=depth, **scope), op.filter, query)
+            if len(hits) >= want or depth >= total:  # unindexed items and stale copies thinned the ranks
+                return hits[op.offset : want]
+            depth = total
+
+    def _ranked(self, records: list[MemoryRecord], condition: Mapping[str, Any] | None,
+                query: str | None) -> list[SearchItem]:
+        """Items from memories: one per (namespace, key), its newest copy; filtered; with a query, the
+        indexed ones best first, else in the given (newest first) order."""
+        newest: dict[tuple[tuple[str, ...], str], MemoryRecord] = {}
+        for record in records:
+            if query is not None and not (self._meta(record) or {}).get("indexed", True):
+                continue
+            if condition and not _matches(self._value(record), condition):
+                continue
+            slot = (self._namespace(record), self._key(record))
+            if slot not in newest or (record.created_at, record.id) > (newest[slot].created_at, newest[slot].id):
+                newest[slot] = record
+        kept = sorted(newest.values(), key=lambda r: (r.created_at, r.id), reverse=True)
+        if query is None:
+            return [self._item(r, SearchItem) for r in kept]
+        best = self._best_scores(query, kept)
+        scored = [(best.get(r.id, r.score), r) for r in kept]
+        scored.sort(key=lambda pair: -1.0 if pair[0] is None else pair[0], reverse=True)
+        return [self._item(r, SearchItem, score=score) for score, r in scored]
 
     def _list_namespaces(self, op: ListNamespacesOp) -> list[tuple[str, ...]]:
-        namespaces = {(*self.prefix, *(s for s in scope if s is not None)) for scope in _scopes(self.memory)}
+        namespaces = {self._labels(*scope) for scope in _scopes(self.memory)}
         found = [ns for ns in namespaces if all(_matches_path(c, ns) for c in op.match_conditions or ())]
         if op.max_depth is not None:
             found = [ns[: op.max_depth] for ns in found]
         return sorted(set(found))[op.offset : op.offset + op.limit]
 
     def batch(self, ops: Iterable[Op]) -> list[Result]:
-        """Run the operations in order; each is one call into `D2LMemory`."""
+        """Run the operations in order; each is one call into `D2LMemory`.
+
+        Raises:
+            InvalidNamespaceError: a label LangGraph refuses (empty, not a str, a period or NUL), a
+                namespace given as one str, or one outside this store's layout (see the module docstring).
+        """
         results: list[Result] = []
-        for op in ops:
+        for op in map(_normalised, ops):
             _validate_labels(op)
             if isinstance(op, GetOp):
                 results.append(self._get(op))
@@ -185,7 +335,94 @@ class D2LStore(BaseStore):
         return await asyncio.to_thread(self.batch, list(ops))
 
 
-def _scopes(memory: D2LMemory) -> set[tuple[str | None, ...]]:
+# -- labels <-> d2l ids ------------------------------------------------------------------------------
+def _encode_label(label: str) -> str:
+    """The d2l id of a namespace label: the label itself when d2l allows it, else `.` + base32(UTF-8)."""
+    if _PLAIN.fullmatch(label):
+        return label
+    try:
+        raw = label.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidNamespaceError(f"namespace label {label!r} is not valid Unicode: {exc}") from exc
+    encoded = "." + base64.b32encode(raw).decode("ascii").rstrip("=")
+    if len(encoded) > _MAX_ID_CHARS:
+        raise _Unrepresentable(f"namespace label {label[:40]!r}... is too long for D2LStore: d2l ids hold "
+                               f"{_MAX_ID_CHARS} characters, which is 159 bytes of UTF-8 once encoded")
+    return encoded
+
+
+def _decode_label(name: str) -> str:
+    """The namespace label of a d2l id (ids absorbed outside the store come back unchanged)."""
+    match = _ENCODED.fullmatch(name)
+    if match is None:
+        return name
+    try:
+        label = base64.b32decode(match[1] + "=" * (-len(match[1]) % 8)).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return name
+    # only a canonical encoding is one: an id that merely looks like base32 stays itself
+    return label if "." not in label and _encode_label(label) == name else name
+
+
+def _normalised(op: Op) -> Op:
+    """Namespaces as tuples (LangGraph's type; lists arrive from JSON and are taken as the same path).
+
+    Raises:
+        InvalidNamespaceError: a namespace given as one str, which would be read as one label per character.
+    """
+    def path(labels: Any) -> tuple[Any, ...]:
+        if isinstance(labels, str | bytes):
+            raise InvalidNamespaceError(f"a namespace is a tuple of str labels, got the string {labels!r}: "
+                                        f"write ({labels!r},)")
+        return tuple(labels)
+
+    if isinstance(op, GetOp | PutOp):
+        return op._replace(namespace=path(op.namespace))
+    if isinstance(op, SearchOp):
+        return op._replace(namespace_prefix=path(op.namespace_prefix))
+    if isinstance(op, ListNamespacesOp) and op.match_conditions:
+        return op._replace(match_conditions=tuple(c._replace(path=path(c.path)) for c in op.match_conditions))
+    return op
+
+
+# -- one lock per key being written ---------------------------------------------------------------------
+class _KeyLocks:
+    """A lock per (namespace, key) while some writer holds or awaits it; then it is dropped."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[tuple[tuple[str, ...], str], tuple[threading.Lock, list[int]]] = {}
+
+    @contextmanager
+    def hold(self, slot: tuple[tuple[str, ...], str]) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._locks.setdefault(slot, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                users[0] -= 1
+                if not users[0]:
+                    del self._locks[slot]
+
+
+_LOCKS: weakref.WeakKeyDictionary[D2LMemory, _KeyLocks] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _locks_for(memory: D2LMemory) -> _KeyLocks:
+    """The key locks of a memory, shared by all its stores (two stores over one memory write one table)."""
+    with _LOCKS_GUARD:
+        locks = _LOCKS.get(memory)
+        if locks is None:
+            locks = _LOCKS[memory] = _KeyLocks()
+        return locks
+
+
+# -- reading the store's scopes and LangGraph's filters -------------------------------------------------
+def _scopes(memory: D2LMemory) -> set[tuple[str, str | None, str | None]]:
     """Every distinct (user_id, agent_id, session_id) in the memory's store.
 
     `MemoryStore` has no public listing of users yet, so this reads the three scope columns of its table.
@@ -215,3 +452,4 @@ def _matches(value: Any, condition: Any) -> bool:
                 return False
         return isinstance(value, Mapping) and all(_matches(value.get(k), v) for k, v in condition.items())
     return value == condition
+

@@ -1,6 +1,6 @@
 """Benchmark of the memory store: add, filtered search and adapter reads at 1k / 10k / 100k memories.
 
-Run: `python -m d2l_memory.store.bench [--quick]` (quick: 1k and 10k only). Every memory holds the same
+Run: `python -m d2l_memory.benchmarks.store [--quick]` (quick: 1k and 10k only). Every memory holds the same
 adapter, sized like a real one: rank 8 on the 30 `down_proj` modules (576 x 1536) of SmolLM2-135M in
 bf16, 1,013,760 bytes of tensors. Vectors are random unit vectors. "many users" gives each user 100
 memories; each search is pre-filtered to one user picked at random. The table is filled in batches

@@ -9,7 +9,7 @@ One offline vLLM engine measures, in one run:
 3. first-token latency of a question answered with an adapter against the same question with 1k, 4k
    and 8k tokens of memory text in the prompt.
 
-Run it: `python -m d2l_memory.engines.bench --quick`. Adapters are random (throughput and latency do not
+Run it: `python -m d2l_memory.benchmarks.engines --quick`. Adapters are random (throughput and latency do not
 depend on what they hold). Prefix caching is off on CPU (see `VLLMEngine`), so every in-context prompt
 is prefilled in full, as it is for a memory set that changes from one query to the next.
 """

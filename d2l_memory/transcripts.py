@@ -1,0 +1,106 @@
+"""Conversations and tool results as the text a memory holds: one rendering, one segmentation.
+
+`D2LMemory.absorb_messages` stores a conversation as `Role: text` lines cut at turn boundaries into
+segments of at most a token budget; the benchmarks and the meta-training generator build their memories
+with the same two functions, so what the hypernetwork is trained on is exactly what it reads in use.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+
+LANGCHAIN_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
+
+
+def normalize_messages(messages: object) -> list[tuple[str, str]]:
+    """`(role, content)` pairs from tuples, `{"role", "content"}` dicts or LangChain messages.
+
+    Raises:
+        TypeError: anything else, or content that is not text.
+        ValueError: an empty list.
+    """
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
+        raise TypeError("messages must be a list of (role, content) tuples, dicts or LangChain messages")
+    if not messages:
+        raise ValueError("messages is empty")
+    out = []
+    for m in messages:
+        if isinstance(m, tuple) and len(m) == 2:
+            role, content = m
+        elif isinstance(m, Mapping):
+            role, content = m.get("role"), m.get("content")
+        elif hasattr(m, "type") and hasattr(m, "content"):  # a LangChain BaseMessage, without importing it
+            role, content = LANGCHAIN_ROLES.get(m.type, m.type), m.content
+        else:
+            raise TypeError(f"cannot read a message from {type(m).__name__}: use (role, content) or a dict")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise TypeError(f"message role and content must be str, got {role!r} and {type(content).__name__}")
+        out.append((role, content))
+    return out
+
+
+def transcript_turns(messages: object, roles: Collection[str] | None = None) -> list[str]:
+    """One `Role: text` line per non-empty turn, keeping only `roles` (None keeps every turn).
+
+    Raises:
+        TypeError: unreadable messages, or `roles` given as a single string.
+    """
+    if isinstance(roles, str):
+        raise TypeError(f"roles must be a collection of role names such as ('user',), not the string {roles!r}")
+    return [f"{role.capitalize()}: {content.strip()}" for role, content in normalize_messages(messages)
+            if content.strip() and (roles is None or role in roles)]
+
+
+def segment_turns(turns: Sequence[str], count_tokens: Callable[[str], int], budget: int,
+                  header: str | None = None) -> list[str]:
+    """Cut `turns` at turn boundaries into segments of at most `budget` tokens (a longer single turn is a
+    segment of its own); each segment is its turns joined by newlines, after `header` when one is given
+    (e.g. a session's date, so that a memory recalled alone still says when it was said).
+
+    Raises:
+        ValueError: a non-positive budget.
+    """
+    if budget <= 0:
+        raise ValueError(f"segment_tokens must be positive, got {budget}")
+    segments: list[list[str]] = []
+    used = 0
+    for turn in turns:
+        n = count_tokens(turn)
+        if not segments or (segments[-1] and used + n > budget):
+            segments.append([])
+            used = 0
+        segments[-1].append(turn)
+        used += n
+    return ["\n".join([header, *seg] if header else seg) for seg in segments]
+
+
+def render_tool_output(output: object) -> str:
+    """Tool results as text a small model reads: JSON objects become `key: value` lines.
+
+    Raises:
+        TypeError: a value that is neither text nor JSON-serialisable.
+    """
+    if isinstance(output, str):
+        try:
+            output = json.loads(output)
+        except ValueError:
+            return output
+        if isinstance(output, str):
+            return output
+    try:
+        json.dumps(output)
+    except TypeError as exc:
+        raise TypeError(f"tool output must be text or JSON-serialisable, got {type(output).__name__}") from exc
+
+    def lines(value: object, prefix: str = "") -> Iterator[str]:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                yield from lines(item, f"{prefix}{key}." if isinstance(item, Mapping | list) else f"{prefix}{key}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                yield from lines(item, f"{prefix}{i + 1}." if isinstance(item, Mapping | list) else f"{prefix}{i + 1}")
+        else:
+            yield f"{prefix.rstrip('.')}: {value}" if prefix else str(value)
+
+    return "\n".join(lines(output))
