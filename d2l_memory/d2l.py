@@ -115,19 +115,45 @@ class DocToLoRA:
                            c.early_exit_layers, with_keys=c.fast_weights)
         return self.hypernet(feats)
 
-    def _assemble(self, a_chunks: torch.Tensor, b_chunks: torch.Tensor) -> LoRA:
-        # [K, L, r, d_in] -> per layer [(K+1) r, d_in]: chunk slots, then the bias slot.
+    def assemble(self, a_chunks: torch.Tensor, b_chunks: torch.Tensor,
+                 rows: Sequence[Sequence[tuple[int, float]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row adapters from per-chunk factors: the one assembly serving and training share.
+
+        Row i stacks the chunks `rows[i]` (pairs of chunk index into `a_chunks [K, L, r, d_in]` /
+        `b_chunks [K, L, d_out, r]` and weight) along the rank, each weight folded into its A rows,
+        zero-pads to the widest row, then appends the bias slot once, unweighted (as `LoRA.concat`
+        composes stored memories):
+
+            delta_W_i = scale * (sum_{(k, w) in rows[i]} w * B_k A_k + B_bias A_bias)
+
+        Returns:
+            `A [n_rows, L, R, d_in]`, `B [n_rows, L, d_out, R]` with `R = max_i len(rows[i]) * r (+ r bias)`;
+            gradients flow through when the factors carry them.
+        """
+        n_layers, r, d_in, d_out = a_chunks.shape[1], self.config.rank, self.config.d_in, self.config.d_out
+        width = max(len(row) for row in rows) * r
+        a_rows, b_rows = [], []
+        for row in rows:
+            index = torch.tensor([k for k, _ in row], dtype=torch.long)
+            weight = torch.tensor([w for _, w in row], dtype=a_chunks.dtype)
+            a_i = (a_chunks[index] * weight[:, None, None, None]).permute(1, 0, 2, 3).reshape(n_layers, -1, d_in)
+            b_i = b_chunks[index].permute(1, 2, 0, 3).reshape(n_layers, d_out, -1)
+            pad = width - len(row) * r
+            a_rows.append(torch.nn.functional.pad(a_i, (0, 0, 0, pad)))
+            b_rows.append(torch.nn.functional.pad(b_i, (0, pad)))
+        a_all, b_all = torch.stack(a_rows), torch.stack(b_rows)
         bias = self.hypernet.bias()
-        weights = {}
-        for j, name in enumerate(self.config.module_names()):
-            a_parts = [a_chunks[:, j].reshape(-1, self.config.d_in)]
-            b_parts = [b_chunks[:, j].transpose(0, 1).reshape(self.config.d_out, -1)]
-            if bias is not None:
-                a_parts.append(bias[0][j])
-                b_parts.append(bias[1][j])
-            weights[name] = (torch.cat(a_parts).detach().float(), torch.cat(b_parts, 1).detach().float())
+        if bias is not None:
+            a_all = torch.cat([a_all, bias[0].expand(len(rows), -1, -1, -1).to(a_all.dtype)], dim=2)
+            b_all = torch.cat([b_all, bias[1].expand(len(rows), -1, -1, -1).to(b_all.dtype)], dim=3)
+        return a_all, b_all
+
+    def _lora(self, a_chunks: torch.Tensor, b_chunks: torch.Tensor) -> LoRA:
+        a, b = self.assemble(a_chunks, b_chunks, [[(k, 1.0) for k in range(a_chunks.shape[0])]])
+        weights = {name: (a[0, j].detach().float(), b[0, j].detach().float())
+                   for j, name in enumerate(self.config.module_names())}
         return LoRA(weights, scale=self.config.scale, base_model=self.base.model_id, hypernet=self.checksum,
-                    n_chunks=a_chunks.shape[0], bias_rows=self.config.rank if bias is not None else 0)
+                    n_chunks=a_chunks.shape[0], bias_rows=self.config.rank if self.hypernet.bias() is not None else 0)
 
     def internalize(self, text: str) -> LoRA:
         """Turn `text` into an adapter: rank `(K+1) r` for K chunks (the +1 is the bias slot).
@@ -150,6 +176,6 @@ class DocToLoRA:
         a_all, b_all = torch.cat(a_parts), torch.cat(b_parts)
         out, offset = [], 0
         for chunks in per_text:
-            out.append(self._assemble(a_all[offset : offset + len(chunks)], b_all[offset : offset + len(chunks)]))
+            out.append(self._lora(a_all[offset : offset + len(chunks)], b_all[offset : offset + len(chunks)]))
             offset += len(chunks)
         return out

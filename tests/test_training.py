@@ -16,17 +16,18 @@ from safetensors.torch import load_file
 
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.hypernet import HypernetConfig
+from d2l_memory.scoring import token_f1
 from d2l_memory.training.data import (
     FAIRYTALE_TRAIN_FILE,
     TRAIN_FILES,
-    build_mix,
     fact_sample,
     fairytale_samples,
     shared_data,
     squad_samples,
 )
-from d2l_memory.training.evaluate import QA_SETS, token_f1
+from d2l_memory.training.evaluate import QA_SETS
 from d2l_memory.training.plot import plot
+from d2l_memory.training.prepare import build_mix
 from d2l_memory.training.teacher import ShardSet, build_shard
 from d2l_memory.training.train import TrainConfig, batch_factors, train
 
@@ -103,7 +104,7 @@ def test_stage_two_never_cuts_a_context_below_the_chunk_floor(base):
     rank = d2l.config.rank
     widths = {}
     for floor in (1, 10, 25, 100):
-        factors, _, _ = batch_factors(d2l, [context], [8], floor)
+        factors, _, _ = batch_factors(d2l, [[context]], [8], floor)
         a, b = next(iter(factors.values()))
         widths[floor] = a.shape[1] // rank - 1  # chunk slots, less the bias slot
         assert b.shape[2] == a.shape[1]

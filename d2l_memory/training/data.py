@@ -72,6 +72,8 @@ class Sample(BaseModel):
     answer: str
     source: str
     response: str | None = None  # a full-sentence reference answer, when the template knows one
+    memories: list[str] | None = None  # what the student's adapter composes (default: the context alone)
+    templates: list[str] = []  # provenance of generated samples' phrasings (the leak test reads it)
 
 
 def _value(key: str, rng: random.Random) -> str:
@@ -148,30 +150,6 @@ def fairytale_samples(path: Path, max_context_chars: int = 1500) -> Iterator[Sam
 TRAIN_FILES = ["squadshifts/new_wiki_v1.0.json", "squadshifts/reddit_v1.0.json",
                "squadshifts/amazon_reviews_v1.0.json", "squad/saipriya_train-v1.1_sample.json"]
 FAIRYTALE_TRAIN_FILE = "fairytaleqa/fairytaleqa_train.jsonl"
-
-
-def build_mix(n: int, seed: int, mix: dict[str, float], needle_chars: tuple[int, int] = (200, 1500),
-              max_answer_chars: int = 40, max_context_chars: int = 800) -> list[Sample]:
-    """Draw `n` samples with source proportions `mix` (keys: facts, needle, squad, fairytale)."""
-    rng = random.Random(seed)
-    pools: dict[str, list[Sample]] = {}
-    if mix.get("squad"):
-        pools["squad"] = [s for f in TRAIN_FILES for s in squad_samples(shared_data() / f, max_context_chars)
-                          if len(s.answer) <= max_answer_chars]
-    if mix.get("fairytale"):
-        pools["fairytale"] = list(fairytale_samples(shared_data() / FAIRYTALE_TRAIN_FILE, max_context_chars))
-    essays = _essays() if mix.get("needle") else []
-    names, weights = zip(*[(k, v) for k, v in mix.items() if v > 0], strict=True)
-    out: list[Sample] = []
-    for _ in range(n):
-        kind = rng.choices(names, weights)[0]
-        if kind == "facts":
-            out.append(fact_sample(rng))
-        elif kind == "needle":
-            out.append(needle_sample(rng, essays, rng.randint(*needle_chars)))
-        else:
-            out.append(rng.choice(pools[kind]))
-    return out
 
 
 CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Egypt": "Cairo", "Canada": "Ottawa",

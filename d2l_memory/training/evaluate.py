@@ -6,10 +6,16 @@ Systems, each answering the same held-out questions greedily with the same base 
 - `none`: no document;
 - `cd`: per-document context distillation (`training/cd.py`: a gradient-trained LoRA of the same rank and
   targets, timed), when `cd_steps > 0`.
-Tasks: `facts` (held-out synthetic personal facts, accuracy), `needle` (a code in essay filler at each
-length, exact match), `squad` (SQuAD v1.1 dev sample) and `fairytale` (FairytaleQA test, explicit
-questions), both token F1 and reported normalised by ICL as the paper does, `interference` (general
-questions with an unrelated document's adapter, accuracy vs the base model).
+Tasks: `facts` (the first generation's template facts with another seed: in-template), `needle` (a code
+in essay filler at each length, exact match), `squad` (SQuAD v1.1 dev sample) and `fairytale`
+(FairytaleQA test, explicit questions), both token F1 and reported normalised by ICL as the paper does,
+`interference` (general questions with an unrelated document's adapter, accuracy vs the base model),
+`composed` (k = 1, 2, 4 notes about one person composed as `D2LMemory.prepare` composes them, asked
+about the first), and `conversations`: synthetic users (`training/conversations.py`) whose sessions go
+through the public `D2LMemory` API (`absorb_messages` session by session, then a question in a fresh
+conversation) in the `adapter`, `hybrid`, `context` and `none` modes, in three groups: `in_template`
+(trained phrasings, values never trained on), `held_out` (held-out phrasings and values) and
+`new_attributes` (attributes never trained on), with knowledge updates scored on their own.
 """
 
 from __future__ import annotations
@@ -18,16 +24,20 @@ import argparse
 import inspect
 import json
 import random
+import tempfile
 import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from d2l_memory.compose import member_weight
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.functional import lora_applied
 from d2l_memory.lora import LoRA
+from d2l_memory.scoring import contains, token_f1
+from d2l_memory.training import conversations
 from d2l_memory.training.cd import context_distill
 from d2l_memory.training.data import (
     Sample,
@@ -38,22 +48,12 @@ from d2l_memory.training.data import (
     shared_data,
     squad_samples,
 )
-from d2l_memory.training.teacher import greedy, normalize, prompt_ids
+from d2l_memory.training.teacher import greedy, prompt_ids
 
 EVAL_SEED = 10_007  # disjoint from every training seed
 # Held-out QA sets (never read by training): task -> (file under shared/data, reader)
 QA_SETS = {"squad": ("squad/saipriya_dev-v1.1_sample.json", squad_samples),
            "fairytale": ("fairytaleqa/fairytaleqa_test.jsonl", fairytale_samples)}
-
-
-def token_f1(prediction: str, gold: str) -> float:
-    """Bag-of-words token F1 after SQuAD normalisation (the paper's `compute_qa_f1_score`)."""
-    pred, ref = normalize(prediction).split(), normalize(gold).split()
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
 
 
 @torch.no_grad()
@@ -72,14 +72,10 @@ def answer(d2l: DocToLoRA, questions: Sequence[str], contexts: Sequence[str | No
     return out
 
 
-def _contains(prediction: str, gold: str) -> float:
-    return float(normalize(gold) in normalize(prediction))
-
-
 def evaluate_samples(d2l: DocToLoRA, samples: Sequence[Sample], metric: str, systems: Sequence[str],
                      fits_window: bool = True, cd_steps: int = 20) -> dict[str, float]:
     """Score `systems` on `samples` with `metric` (`contains` or `f1`); adapter systems are timed per document."""
-    score = _contains if metric == "contains" else token_f1
+    score = contains if metric == "contains" else token_f1
     questions = [s.question for s in samples]
     results: dict[str, float] = {}
     adapters: dict[str, list[LoRA | None]] = {}
@@ -100,10 +96,76 @@ def evaluate_samples(d2l: DocToLoRA, samples: Sequence[Sample], metric: str, sys
     return results
 
 
+def composed_eval(d2l: DocToLoRA, n: int, ks: Sequence[int] = (1, 2, 4), composition: str = "mean",
+                  seed: int = EVAL_SEED) -> dict[str, float]:
+    """Accuracy on a fact of one person's first note when it is composed with k-1 other notes about the same
+    person (held-out phrasings and values), each note its own memory weighted by `member_weight`."""
+    rng = random.Random(seed)
+    results: dict[str, float] = {}
+    people = []
+    for _ in range(n):
+        person, facts = conversations._profile(rng, "eval", max(ks) * 2, held_out_attributes=False)
+        notes = [" ".join(conversations._cap(rng.choice(conversations.phrasings(f.attribute.note, "eval")).format(
+            n=person, v=f.value)) for f in facts[i : i + 2]) for i in range(0, len(facts), 2)]
+        fact = facts[rng.randrange(min(2, len(facts)))]
+        question = rng.choice(conversations.phrasings(fact.attribute.ask_about, "eval")).format(n=person)
+        people.append((notes, question, fact.value))
+    adapters = [d2l.internalize_batch(notes) for notes, _, _ in people]
+    for k in ks:
+        rows = [LoRA.concat(loras[:k], [member_weight(composition, k)] * k) for loras in adapters]
+        questions = [q for _, q, _ in people]
+        answers = answer(d2l, questions, [None] * n, rows)
+        results[f"adapter_k{k}"] = sum(contains(a, v) for a, (_, _, v) in zip(answers, people, strict=True)) / n
+        icl = answer(d2l, questions, [" ".join(notes[:k]) for notes, _, _ in people], [None] * n)
+        results[f"icl_k{k}"] = sum(contains(a, v) for a, (_, _, v) in zip(icl, people, strict=True)) / n
+    none = answer(d2l, [q for _, q, _ in people], [None] * n, [None] * n)
+    results["none"] = sum(contains(a, v) for a, (_, _, v) in zip(none, people, strict=True)) / n
+    return results
+
+
+CONVERSATION_GROUPS = {"in_template": ("train", False), "held_out": ("eval", False), "new_attributes": ("eval", True)}
+MODES = ("adapter", "hybrid", "context", "none")
+
+
+def conversation_eval(checkpoint: Path | None, n: int, seed: int = EVAL_SEED,
+                      groups: Sequence[str] = tuple(CONVERSATION_GROUPS)) -> dict[str, float]:
+    """Synthetic users absorbed through `D2LMemory.absorb_messages` (session by session, each with the
+    dialogue's roles and segment budget) and asked in a fresh conversation, in every mode.
+
+    In-template users use trained phrasings but values drawn from the evaluation's half of each pool, so
+    no group can be answered by recalling a training value. Returns `{group_mode: accuracy}` plus
+    `updates_<mode>` over the users whose question asks for a value they changed.
+    """
+    from d2l_memory.memory import D2LMemory  # the facade: evaluation exercises the product's own path
+
+    rng = random.Random(seed)
+    hits: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as store, D2LMemory(store, hypernet=None if checkpoint is None else
+                                                          str(checkpoint)) as mem:
+        jobs = [(group, i) for group in groups for i in range(n)]
+        for group, i in tqdm(jobs, desc="conversations", unit="user", leave=False):
+            split, new_attributes = CONVERSATION_GROUPS[group]
+            d = conversations.dialogue(rng, split, new_attributes, update=i % 4 == 3 and not new_attributes,
+                                       values="eval")
+            user = f"{group}-{i}"
+            for session in d.sessions:
+                mem.absorb_messages(session, user, roles=d.roles, segment_tokens=d.segment_tokens)
+            for mode in MODES:
+                reply = mem.chat(d.question, user, mode=mode, max_new_tokens=32)
+                score = contains(reply, d.value)
+                hits.setdefault(f"{group}_{mode}", []).append(score)
+                if d.old_value is not None:
+                    hits.setdefault(f"updates_{mode}", []).append(score)
+    return {key: sum(v) / len(v) for key, v in hits.items()}
+
+
 def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 2048, 8192),
-             tasks: Sequence[str] = ("facts", "needle", "squad", "fairytale", "interference"),
-             cd_steps: int = 0) -> dict[str, dict]:
-    """All tasks with `n` questions each (per needle length); returns `{task: {system: score}}`.
+             tasks: Sequence[str] = ("facts", "needle", "squad", "fairytale", "interference", "composed",
+                                     "conversations"),
+             cd_steps: int = 0, checkpoint: Path | None = None) -> dict[str, dict]:
+    """All tasks with `n` questions each (per needle length, per conversation group); returns
+    `{task: {system: score}}`. `checkpoint` is the directory `d2l` was loaded from (None: the shipped
+    one), which the conversation task opens through `D2LMemory`.
 
     With `cd_steps > 0` the per-document context-distillation baseline (`cd`) runs beside the others on
     the facts and QA tasks (its cost grows with document length; the needle sweep leaves it out).
@@ -139,10 +201,14 @@ def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 
         questions = [q for q, _ in pairs]
         with_doc = answer(d2l, questions, [None] * len(pairs), adapters)
         without = answer(d2l, questions, [None] * len(pairs), [None] * len(pairs))
-        base_acc = sum(_contains(a, g) for a, (_, g) in zip(without, pairs, strict=True)) / len(pairs)
-        ours = sum(_contains(a, g) for a, (_, g) in zip(with_doc, pairs, strict=True)) / len(pairs)
+        base_acc = sum(contains(a, g) for a, (_, g) in zip(without, pairs, strict=True)) / len(pairs)
+        ours = sum(contains(a, g) for a, (_, g) in zip(with_doc, pairs, strict=True)) / len(pairs)
         report["interference"] = {"adapter": ours, "none": base_acc,
                                   "adapter_over_none": ours / base_acc if base_acc else 0.0}
+    if "composed" in tasks:
+        report["composed"] = composed_eval(d2l, n)
+    if "conversations" in tasks:
+        report["conversations"] = conversation_eval(checkpoint, n)
     return report
 
 
@@ -157,7 +223,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     args = parser.parse_args()
     d2l = DocToLoRA.from_pretrained(args.checkpoint)
-    report = run_eval(d2l, args.n, args.needle_lengths, args.tasks, args.cd_steps)
+    report = run_eval(d2l, args.n, args.needle_lengths, args.tasks, args.cd_steps, args.checkpoint)
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:

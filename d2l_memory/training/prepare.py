@@ -1,29 +1,92 @@
-"""Build the cached meta-training set: samples -> teacher targets -> shards (resumable by shard)."""
+"""Build the cached meta-training set: samples -> teacher targets -> shards (resumable by shard).
+
+    python -m d2l_memory.training.prepare --out runs/data --n 20000 --seed 1            # training shards
+    python -m d2l_memory.training.prepare --out runs/eval-data --n 200 --split eval     # held-out shard
+
+`build_mix` draws each sample from a source with the proportions of a mix (`DEFAULT_MIX`): synthetic
+users' conversations, notes and tool results (`conversations.py`, open-vocabulary values, many
+phrasings), needles of many kinds in essay filler, the first generation's template facts and needles
+(`data.py`, kept so that what was learnt is not forgotten), SQuADShifts/SQuAD-train and FairytaleQA
+passages. `--split eval` draws only held-out phrasings, attributes and values (QA sources are then
+left out: their held-out sets are the evaluation's own files).
+"""
 
 from __future__ import annotations
 
 import argparse
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from d2l_memory.models import DEFAULT_MODEL, load_model
-from d2l_memory.training.data import build_mix, control_questions
+from d2l_memory.training import conversations
+from d2l_memory.training.data import (
+    FAIRYTALE_TRAIN_FILE,
+    TRAIN_FILES,
+    Sample,
+    control_questions,
+    fact_sample,
+    fairytale_samples,
+    needle_sample,
+    shared_data,
+    squad_samples,
+)
 from d2l_memory.training.teacher import build_shard
 
-DEFAULT_MIX = {"facts": 0.6, "needle": 0.2, "squad": 0.15, "fairytale": 0.05}
+DEFAULT_MIX = {"conversation": 0.38, "note": 0.1, "tool": 0.1, "needles": 0.12, "facts": 0.08, "needle": 0.05,
+               "squad": 0.13, "fairytale": 0.04}
+GENERATED = {"conversation", "note", "tool", "needles"}
+
+
+def build_mix(n: int, seed: int, mix: dict[str, float], needle_chars: tuple[int, int] = (200, 1500),
+              max_answer_chars: int = 40, max_context_chars: int = 800, split: conversations.Split = "train",
+              count_tokens: Callable[[str], int] | None = None) -> list[Sample]:
+    """Draw `n` samples with source proportions `mix` (keys: those of `DEFAULT_MIX`)."""
+    rng = random.Random(seed)
+    pools: dict[str, list[Sample]] = {}
+    if mix.get("squad"):
+        pools["squad"] = [s for f in TRAIN_FILES for s in squad_samples(shared_data() / f, max_context_chars)
+                          if len(s.answer) <= max_answer_chars]
+    if mix.get("fairytale"):
+        pools["fairytale"] = list(fairytale_samples(shared_data() / FAIRYTALE_TRAIN_FILE, max_context_chars))
+    essays = [p.read_text() for p in sorted((shared_data() / "paul_graham_essays").glob("*.txt"))] \
+        if mix.get("needle") or mix.get("needles") else []
+    names, weights = zip(*[(k, v) for k, v in mix.items() if v > 0], strict=True)
+    out: list[Sample] = []
+    for _ in range(n):
+        kind = rng.choices(names, weights)[0]
+        if kind == "conversation":
+            out.append(conversations.conversation_sample(rng, split, count_tokens))
+        elif kind == "note":
+            out.append(conversations.note_sample(rng, split))
+        elif kind == "tool":
+            out.append(conversations.tool_sample(rng, split))
+        elif kind == "needles":
+            out.append(conversations.needle_sample(rng, essays, rng.randint(*needle_chars), split))
+        elif kind == "facts":
+            out.append(fact_sample(rng))
+        elif kind == "needle":
+            out.append(needle_sample(rng, essays, rng.randint(*needle_chars)))
+        else:
+            out.append(rng.choice(pools[kind]))
+    return out
 
 
 def prepare(out: Path, n: int, shard_size: int, seed: int, mix: dict[str, float], control_frac: float,
-            model_name: str = DEFAULT_MODEL, needle_chars: tuple[int, int] = (150, 600)) -> None:
+            model_name: str = DEFAULT_MODEL, needle_chars: tuple[int, int] = (150, 3000),
+            split: conversations.Split = "train") -> None:
     """Write `n` samples (before teacher filtering) as shards of `shard_size`; existing shards are kept."""
     model = load_model(model_name)
-    samples = build_mix(n, seed, mix, needle_chars=needle_chars)
-    controls = [q for q, _ in control_questions("train")]
+    count = lambda text: len(model.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    if split == "eval":
+        mix = {k: v for k, v in mix.items() if k in GENERATED}
+    samples = build_mix(n, seed, mix, needle_chars=needle_chars, split=split, count_tokens=count)
+    controls = [q for q, _ in control_questions(split)]
     rng = random.Random(seed)
     for index, start in enumerate(range(0, n, shard_size)):
-        path = out / f"shard-{seed:03d}-{index:04d}"
+        path = out / f"shard-{split}-{seed:03d}-{index:04d}"
         if path.with_suffix(".jsonl").exists():
             continue
         group = samples[start : start + shard_size]
@@ -33,16 +96,17 @@ def prepare(out: Path, n: int, shard_size: int, seed: int, mix: dict[str, float]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/data"))
     parser.add_argument("--n", type=int, default=4000)
     parser.add_argument("--shard-size", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", choices=["train", "eval"], default="train")
     parser.add_argument("--control-frac", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    prepare(args.out, args.n, args.shard_size, args.seed, DEFAULT_MIX, args.control_frac)
+    prepare(args.out, args.n, args.shard_size, args.seed, DEFAULT_MIX, args.control_frac, split=args.split)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,11 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from d2l_memory.chunking import chunk_document
+from d2l_memory.compose import member_weight
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.hypernet import HypernetConfig
 from d2l_memory.models import load_model
@@ -62,6 +64,8 @@ class TrainConfig(BaseModel):
     stage2_step: int = 2000
     max_chunks: int = 8
     min_chunk_tokens: int = Field(25, description="stage 2 cuts no context into chunks shorter than this")
+    composition: Literal["sum", "mean"] = Field("mean", description="how an example's memories combine; "
+                                                "train what `MemoryConfig.composition` serves")
     gold_ce: bool = False
     eval_every: int = 50
     eval_examples: int = 32
@@ -72,47 +76,43 @@ class TrainConfig(BaseModel):
     seed: int = 0
 
 
-def contexts_for(examples: list[dict], rng: random.Random, pool: list[dict]) -> list[str]:
-    """Each example's context; control questions borrow an unrelated document from `pool`."""
-    return [ex["context"] if not ex["control"] else rng.choice(pool)["context"] for ex in examples]
+def memories_for(examples: list[dict], rng: random.Random, pool: list[dict]) -> list[list[str]]:
+    """What each example's student adapter composes: its `memories` (the relevant ones and the same
+    user's distractors), else its context alone; control questions borrow an unrelated document."""
+    return [[rng.choice(pool)["context"]] if ex["control"] else ex.get("memories") or [ex["context"]]
+            for ex in examples]
 
 
-def batch_factors(d2l: DocToLoRA, contexts: list[str], n_chunks: list[int],
-                  min_chunk_tokens: int = 1) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Per-row factors `{module: (A [B, R, d_in], B [B, d_out, R])}` for `contexts`, with gradients.
+def batch_factors(d2l: DocToLoRA, rows: list[list[str]], n_chunks: list[int], min_chunk_tokens: int = 1,
+                  composition: str = "mean") -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Per-row factors `{module: (A [B, R, d_in], B [B, d_out, R])}` for `rows`, with gradients.
 
-    Example i is cut into `n_chunks[i]` equal chunks, fewer where a chunk would hold less than
-    `min_chunk_tokens` tokens; its chunk slots are concatenated along the rank, zero-padded to the
-    batch's widest, then the bias slot.
+    Row i composes the memories `rows[i]` the way `D2LMemory.prepare` composes recalled ones (each
+    weighted by `compose.member_weight(composition, len(rows[i]))`, the bias slot once) through the
+    assembly serving uses (`DocToLoRA.assemble`). A row of one memory is cut into `n_chunks[i]` equal
+    chunks (fewer where a chunk would hold less than `min_chunk_tokens` tokens), as stage 2 trains long
+    documents; several memories keep the chunks `internalize` would give each.
     """
     tok, c = d2l.base.tokenizer, d2l.config
-    per_example = []
-    for text, k in zip(contexts, n_chunks, strict=True):
-        n_tokens = len(tok(text, add_special_tokens=False)["input_ids"])
-        # A few-token fragment carries no fact a question could recall (a 20-token fact chat cut 8 ways).
-        k = max(1, min(k, n_tokens // min_chunk_tokens))
-        size = max(1, min(c.chunk_tokens, math.ceil(n_tokens / k)))
-        per_example.append(chunk_document(tok, text, size, d2l.max_positions))
-    flat = [chunk for chunks in per_example for chunk in chunks]
+    flat: list[list[int]] = []
+    groups: list[list[tuple[int, float]]] = []
+    for texts, k in zip(rows, n_chunks, strict=True):
+        weight = member_weight(composition, len(texts))
+        group = []
+        for text in texts:
+            size = c.chunk_tokens
+            if len(texts) == 1:
+                n_tokens = len(tok(text, add_special_tokens=False)["input_ids"])
+                # A few-token fragment carries no fact a question could recall (a 20-token fact chat cut 8 ways).
+                k = max(1, min(k, n_tokens // min_chunk_tokens))
+                size = max(1, min(c.chunk_tokens, math.ceil(n_tokens / k)))
+            for chunk in chunk_document(tok, text, size, d2l.max_positions):
+                group.append((len(flat), weight))
+                flat.append(chunk)
+        groups.append(group)
     a, b = d2l.chunk_factors(flat)  # [K_total, L, r, d_in], [K_total, L, d_out, r]
-    width = max(len(chunks) for chunks in per_example) * c.rank
-    bias = d2l.hypernet.bias()
-    factors, offset = {}, 0
-    a_rows, b_cols = [], []
-    for chunks in per_example:
-        k = len(chunks)
-        a_i = a[offset : offset + k].permute(1, 0, 2, 3).reshape(len(c.layers), k * c.rank, c.d_in)
-        b_i = b[offset : offset + k].permute(1, 2, 0, 3).reshape(len(c.layers), c.d_out, k * c.rank)
-        pad = width - k * c.rank
-        a_rows.append(torch.nn.functional.pad(a_i, (0, 0, 0, pad)))
-        b_cols.append(torch.nn.functional.pad(b_i, (0, pad)))
-        offset += k
-    a_all, b_all = torch.stack(a_rows), torch.stack(b_cols)  # [B, L, R, d_in], [B, L, d_out, R]
-    if bias is not None:
-        a_all = torch.cat([a_all, bias[0].expand(len(contexts), -1, -1, -1)], dim=2)
-        b_all = torch.cat([b_all, bias[1].expand(len(contexts), -1, -1, -1)], dim=3)
-    for j, name in enumerate(c.module_names()):
-        factors[name] = (a_all[:, j], b_all[:, j])
+    a_all, b_all = d2l.assemble(a, b, groups)  # [B, L, R, d_in], [B, L, d_out, R]
+    factors = {name: (a_all[:, j], b_all[:, j]) for j, name in enumerate(c.module_names())}
     return factors, a, b
 
 
@@ -204,14 +204,15 @@ def usage_gap(d2l: DocToLoRA, examples: list[dict], config: TrainConfig) -> dict
     d2l.hypernet.eval()
     real = [ex for ex in examples if not ex["control"]]
     batch = student_batch(d2l.base, real)
-    contexts = [ex["context"] for ex in real]
-    own, _, _ = batch_factors(d2l, contexts, [1] * len(real))
-    other, _, _ = batch_factors(d2l, contexts[1:] + contexts[:1], [1] * len(real))
+    rows = [ex.get("memories") or [ex["context"]] for ex in real]
+    own, _, _ = batch_factors(d2l, rows, [1] * len(real), composition=config.composition)
+    other, _, _ = batch_factors(d2l, rows[1:] + rows[:1], [1] * len(real), composition=config.composition)
     loss_own = per_example_loss(d2l.base, batch, own, d2l.config.scale, config.gold_ce).mean().item()
     loss_other = per_example_loss(d2l.base, batch, other, d2l.config.scale, config.gold_ce).mean().item()
     loss_none = per_example_loss(d2l.base, batch, {}, 1.0, config.gold_ce).mean().item()
     # Stage 2's question: does the own document still help when cut into chunks whose adapters are summed?
-    chunked, _, _ = batch_factors(d2l, contexts, [config.max_chunks] * len(real), config.min_chunk_tokens)
+    chunked, _, _ = batch_factors(d2l, [[ex["context"]] for ex in real], [config.max_chunks] * len(real),
+                                  config.min_chunk_tokens)
     loss_chunked = per_example_loss(d2l.base, batch, chunked, d2l.config.scale, config.gold_ce).mean().item()
     d2l.hypernet.train()
     return {"eval_loss": loss_own, "eval_loss_shuffled": loss_other, "eval_loss_no_lora": loss_none,
@@ -286,8 +287,8 @@ def train(config: TrainConfig) -> None:
                 rng = random.Random(config.seed * 1_000_003 + step * 101 + rank)
                 stage2 = step >= config.stage2_step
                 n_chunks = [rng.randint(1, config.max_chunks) if stage2 else 1 for _ in examples]
-                factors, a, b = batch_factors(d2l, contexts_for(examples, rng, pool), n_chunks,
-                                              config.min_chunk_tokens)
+                factors, a, b = batch_factors(d2l, memories_for(examples, rng, pool), n_chunks,
+                                              config.min_chunk_tokens, config.composition)
                 batch = student_batch(base, examples)
                 kd = per_example_loss(base, batch, factors, d2l.config.scale, config.gold_ce).mean()
                 reg = l1_penalty(a, b)
@@ -356,20 +357,38 @@ def stop_requests() -> Iterator[threading.Event]:
             signal.signal(signum, handler)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Meta-train a Doc-to-LoRA hypernetwork.")
-    parser.add_argument("--config", type=Path, required=True, help="train.json (created with defaults if missing)")
-    parser.add_argument("--set", nargs="*", default=[], help="overrides: key=json_value, e.g. lr=0.001")
-    args = parser.parse_args()
-    raw = json.loads(args.config.read_text()) if args.config.exists() else {}
-    for item in args.set:
-        key, value = item.split("=", 1)
+def load_config(path: Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """`path` (a train.json; defaults where it does not exist) with `key=value` overrides applied.
+
+    Keys may be dotted into nested sections (`hypernet.rank=16`); values are JSON (`lr=0.001`,
+    `'hypernet.layers=[8,9]'`), and anything that is not JSON is taken as a string (`out=runs/x`).
+
+    Raises:
+        ValueError: an override without `=`, or a resulting config that does not validate (unknown keys
+            included).
+    """
+    raw = json.loads(path.read_text()) if path.exists() else {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value")
         target = raw
         *parents, leaf = key.split(".")
         for p in parents:
             target = target.setdefault(p, {})
-        target[leaf] = json.loads(value)
-    train(TrainConfig.model_validate(raw))
+        try:
+            target[leaf] = json.loads(value)
+        except ValueError:
+            target[leaf] = value
+    return TrainConfig.model_validate(raw)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Meta-train a Doc-to-LoRA hypernetwork.")
+    parser.add_argument("--config", type=Path, required=True, help="train.json (created with defaults if missing)")
+    parser.add_argument("--set", nargs="*", default=[], help="overrides: key=value, e.g. lr=0.001 hypernet.rank=16")
+    args = parser.parse_args()
+    train(load_config(args.config, args.set))
 
 
 if __name__ == "__main__":
