@@ -61,8 +61,9 @@ META = "langgraph"
 SCOPES = ("user_id", "agent_id", "session_id")
 DEFAULT_FIELDS = ("text", "content", "memory")
 # A query search ranks at least this many of the scope's memories by their stored embedding before the
-# store re-scores items with several indexed texts; an item whose best text matches ranks well above this
-# depth even on its joined embedding (an exact match on one of two fields: 0.43-0.83).
+# store re-scores items with several indexed texts by their best text. Their stored embedding is of the
+# joined texts, so it under-ranks them (an exact match on one of two fields scored 0.43-0.83 in issue 21's
+# check); one is missed only if hundreds of the scope's memories sit closer to the query than its joined texts.
 SEARCH_DEPTH = 256
 _VECTORS_KEPT = 4096  # per-text embeddings of multi-text items, cached by memory id (memories never change)
 
@@ -95,9 +96,9 @@ class D2LStore(BaseStore):
     Every item is a d2l memory, so every item is absorbed (an adapter and an embedding); the indexed texts,
     joined, are what it absorbs. An item with no text to index (`index=False`, `{}`, `{"text": ""}`) is
     absorbed from its rendered value and marked unindexed: `get`, `search` without a query, `delete` and
-    `list_namespaces` see it; `search` with a query skips it, as LangGraph's stores do with unembedded
-    items. Several indexed texts (several fields, or `[*]` paths) are scored one by one and the item gets
-    the best score, as in LangGraph. TTLs are not supported.
+    `list_namespaces` see it; `search` with a query skips it, as LangGraph's SQL stores (Postgres, SQLite)
+    do with unembedded items. Several indexed texts (several fields, or `[*]` paths) are scored one by one
+    and the item gets the best score, as in LangGraph. TTLs are not supported.
 
     Writers of one key are serialised within the process (a lock per namespace and key, shared by every
     `D2LStore` over the same `D2LMemory`), so concurrent puts leave exactly one item. Across processes, a
@@ -200,7 +201,7 @@ class D2LStore(BaseStore):
     def _best_scores(self, query: str, records: list[MemoryRecord]) -> dict[str, float]:
         """Scores of the items with several indexed texts: the best cosine of the query with each text,
         as LangGraph scores a multi-field item (their memory's own embedding is of the joined texts)."""
-        several = {}
+        several: dict[str, list[str]] = {}
         for record in records:
             meta = self._meta(record)
             if meta is not None and meta.get("indexed", True):
@@ -246,8 +247,10 @@ class D2LStore(BaseStore):
             # After the new memory is durable (a failed put leaves the old item): forget the copies seen
             # above and any a writer in another process committed meanwhile, but only older ones; a newer
             # copy's writer forgets this one, so racing processes converge on the newest.
-            for record in self._copies(op.namespace, op.key):
-                if (record.created_at, record.id) < (new.created_at, new.id):
+            later = self._copies(op.namespace, op.key)
+            mine = next((r for r in later if r.id == new.id), new)  # as stored: compare like with like
+            for record in later:
+                if record.id != mine.id and (record.created_at, record.id) < (mine.created_at, mine.id):
                     self.memory.forget(record.id)
 
     def _delete(self, op: PutOp) -> None:
