@@ -14,9 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from d2l_memory.compose import member_weight
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.hypernet import HypernetConfig
+from d2l_memory.lora import LoRA
 from d2l_memory.scoring import token_f1
+from d2l_memory.training import conversations
 from d2l_memory.training.data import (
     FAIRYTALE_TRAIN_FILE,
     TRAIN_FILES,
@@ -30,6 +33,7 @@ from d2l_memory.training.plot import plot
 from d2l_memory.training.prepare import build_mix
 from d2l_memory.training.teacher import ShardSet, build_shard
 from d2l_memory.training.train import TrainConfig, batch_factors, train
+from d2l_memory.transcripts import segment_turns, transcript_turns
 
 TINY = {"layers": [10, 12], "latent_dim": 64, "n_heads": 2, "chunk_tokens": 64}
 
@@ -164,3 +168,58 @@ def test_context_distillation_fits_the_teacher_without_the_document(base):
     assert after < before - 0.1
     with pytest.raises(ValueError):
         context_distill(d2l, "   ", steps=1)
+
+
+def test_training_draws_no_held_out_phrasing_attribute_value_or_persona_line(base):
+    count = lambda text: len(base.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    mix = {"conversation": 0.5, "note": 0.2, "tool": 0.15, "needles": 0.15}
+    train_set = build_mix(400, 11, mix, split="train", count_tokens=count)
+    assert conversations.leaks(train_set) == []
+    # The check can fail: the evaluation's draws hold exactly what training must not.
+    eval_set = build_mix(100, 11, mix, split="eval", count_tokens=count)
+    problems = " ".join(conversations.leaks(eval_set))
+    assert "held-out phrasing" in problems and "eval-only value" in problems and "MSC test line" in problems
+    new = [conversations.conversation_sample(random.Random(i), "eval", count, held_out_attributes=True)
+           for i in range(20)]
+    assert any(t.split(".")[0] in conversations.HELD_OUT_ATTRIBUTES for s in new for t in s.templates)
+
+
+def test_values_come_from_open_pools_split_by_hash():
+    rng = random.Random(0)
+    for kind in ("name", "city", "job", "company", "food", "code"):
+        values = {conversations.draw_value(kind, rng, "train") for _ in range(300)}
+        assert len(values) > 100, kind  # not a short list to pick from
+        assert not any(conversations.is_eval_value(v) for v in values)
+        assert all(conversations.is_eval_value(conversations.draw_value(kind, rng, "eval")) for _ in range(20))
+
+
+def test_conversation_memories_are_the_segments_absorb_messages_writes(base):
+    count = lambda text: len(base.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    for seed in range(30):
+        d = conversations.dialogue(random.Random(seed))
+        expected = [seg for turns in d.sessions
+                    for seg in segment_turns(transcript_turns(turns, d.roles), count, d.segment_tokens)]
+        sample = conversations.conversation_sample(random.Random(seed), count_tokens=count)
+        assert set(sample.memories) <= set(expected) and sample.context
+        assert sample.answer in sample.context and sample.answer in sample.response
+        assert all(m in sample.memories for m in sample.context.split("\n\n"))
+        if d.roles == ("user",):
+            assert all(line.startswith("User: ") for m in expected for line in m.splitlines())
+
+
+def test_training_composes_memories_exactly_as_serving_does(base):
+    d2l = DocToLoRA.untrained(HypernetConfig(**TINY), base)
+    with torch.no_grad():  # an untrained network emits exact zeros; give it something to compose
+        for p in d2l.hypernet.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    memories = ["User: I live in Joroinen.\nAssistant: Noted.", "User: My dog is called Valero.",
+                "User: I drive a Skoda Octavia. " * 30]
+    d2l.hypernet.eval()
+    with torch.no_grad():
+        factors, _, _ = batch_factors(d2l, [memories, memories[:1]], [1, 1], composition="mean")
+        served = LoRA.concat([d2l.internalize(m) for m in memories], [member_weight("mean", 3)] * 3)
+        alone = d2l.internalize(memories[0])
+    for name, (a, b) in factors.items():
+        trained = d2l.config.scale * (b[0].double() @ a[0].double())
+        assert torch.allclose(trained, served.delta(name), atol=1e-5)
+        assert torch.allclose(d2l.config.scale * (b[1].double() @ a[1].double()), alone.delta(name), atol=1e-5)

@@ -100,6 +100,7 @@ VALUES: dict[str, Callable[[random.Random], str]] = {
     "date": _date,
     "code": _code,
     "number": lambda r: str(r.randint(2, 97)),
+    "room": lambda r: str(r.randint(100, 999)),
     "plate": lambda r: _fake(r).license_plate(),
     "title": lambda r: _fake(r, latin=False).catch_phrase().title(),
 }
@@ -373,10 +374,6 @@ def attributes(split: Split, held_out_attributes: bool = True) -> list[Attribute
     return [a for a in ATTRIBUTES if a.key in HELD_OUT_ATTRIBUTES] if held_out_attributes else list(ATTRIBUTES)
 
 
-def _cap(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
 ACKS = ["Nice!", "Got it.", "That's lovely.", "Good to know.", "I'll remember that.", "Oh, interesting!",
         "Thanks for telling me.", "Sounds great.", "Noted.", "How fun!", "Cool, tell me more.", "Oh nice, I see."]
 OPENERS = ["Hi! ", "Hello. ", "Hey there. ", "", "Quick note about me: ", "Nice to meet you. ", "Hiya! ",
@@ -417,7 +414,8 @@ def _pick(forms: Sequence[str], split: Split, rng: random.Random, used: list[str
 def _tell(fact: Fact, rng: random.Random, split: Split, used: list[str], update: bool = False) -> str:
     kind = "change" if update else "tell"
     forms = fact.attribute.change if update else fact.attribute.tell
-    return _cap(_pick(forms, split, rng, used, f"{fact.attribute.key}.{kind}").format(v=fact.value))
+    # Never re-case: a value that opens a sentence ("teal is my favourite colour") stays as drawn.
+    return _pick(forms, split, rng, used, f"{fact.attribute.key}.{kind}").format(v=fact.value)
 
 
 def _answer(fact: Fact, first_person: bool) -> str:
@@ -535,8 +533,8 @@ def note_sample(rng: random.Random, split: Split = "train", held_out_attributes:
     """Third-person notes about a person (1-4 facts), asked about by name."""
     used: list[str] = []
     person, facts = _profile(rng, split, rng.randint(1, 4), held_out_attributes)
-    text = " ".join(_cap(_pick(f.attribute.note, split, rng, used, f"{f.attribute.key}.note").format(
-        n=person, v=f.value)) for f in facts)
+    text = " ".join(_pick(f.attribute.note, split, rng, used, f"{f.attribute.key}.note").format(n=person, v=f.value)
+                    for f in facts)
     fact = rng.choice(facts)
     question = _pick(fact.attribute.ask_about, split, rng, used, f"{fact.attribute.key}.ask_about").format(n=person)
     return Sample(context=text, question=question, answer=fact.value, source="note",
@@ -560,7 +558,7 @@ def _order(r: random.Random, s: Split) -> dict[str, str]:
 
 def _booking(r: random.Random, s: Split) -> dict[str, str]:
     return {"hotel": draw_value("company", r, s) + " Hotel", "city": draw_value("city", r, s),
-            "check_in": draw_value("date", r, s), "room": str(r.randint(100, 999)),
+            "check_in": draw_value("date", r, s), "room": draw_value("room", r, s),
             "confirmation": draw_value("code", r, s)}
 
 

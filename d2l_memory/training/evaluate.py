@@ -105,8 +105,8 @@ def composed_eval(d2l: DocToLoRA, n: int, ks: Sequence[int] = (1, 2, 4), composi
     people = []
     for _ in range(n):
         person, facts = conversations._profile(rng, "eval", max(ks) * 2, held_out_attributes=False)
-        notes = [" ".join(conversations._cap(rng.choice(conversations.phrasings(f.attribute.note, "eval")).format(
-            n=person, v=f.value)) for f in facts[i : i + 2]) for i in range(0, len(facts), 2)]
+        notes = [" ".join(rng.choice(conversations.phrasings(f.attribute.note, "eval")).format(n=person, v=f.value)
+                          for f in facts[i : i + 2]) for i in range(0, len(facts), 2)]
         fact = facts[rng.randrange(min(2, len(facts)))]
         question = rng.choice(conversations.phrasings(fact.attribute.ask_about, "eval")).format(n=person)
         people.append((notes, question, fact.value))
