@@ -30,23 +30,36 @@ def shipped_checkpoint(base_model: str) -> Path:
     return CHECKPOINTS / base_model
 
 
+def micro_batches(lengths: Sequence[int], pass_tokens: int) -> list[list[int]]:
+    """Indices of sequences grouped, shortest first, so that each group padded to its longest member
+    holds at most `pass_tokens` positions (a sequence longer than that is a group of its own)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= pass_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 class DocToLoRA:
     """A frozen base model and the hypernetwork that writes adapters for it.
 
     Args:
         base: the loaded base model (shared with engines; never modified).
         hypernet: the hypernetwork; its `config.base_model` must name `base`.
-        chunk_batch: chunks encoded per forward pass when internalizing.
+        pass_tokens: padded tokens per encoder pass (chunks are grouped by length into passes of at
+            most this many positions, so memory stays flat and short chunks are not padded to long ones).
     """
 
-    def __init__(self, base: LoadedModel, hypernet: HyperLoRA, chunk_batch: int = 4) -> None:
+    def __init__(self, base: LoadedModel, hypernet: HyperLoRA, pass_tokens: int = 2048) -> None:
         if hypernet.config.base_model != base.model_id:
             raise ValueError(f"hypernetwork was trained for '{hypernet.config.base_model}', "
                              f"base model is '{base.model_id}'")
         self.base = base
         self.hypernet = hypernet
         self.config = hypernet.config
-        self.chunk_batch = chunk_batch
+        self.pass_tokens = pass_tokens
         self._checksum: str | None = None
         self.max_positions = int(getattr(base.model.config, "max_position_embeddings", 8192))
 
@@ -98,10 +111,20 @@ class DocToLoRA:
         return chunk_document(self.base.tokenizer, text, self.config.chunk_tokens, self.max_positions)
 
     def chunk_factors(self, chunks: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Factors for a batch of wrapped chunks: `A [K, L, r, d_in]`, `B [K, L, d_out, r]`.
+        """Factors for wrapped chunks: `A [K, L, r, d_in]`, `B [K, L, d_out, r]`, in the order given.
 
-        Gradients flow into the hypernetwork when it is in training mode; never into the base model.
+        Encoded in passes of similar-length chunks (`micro_batches`): one pass over a mixed batch pads
+        every chunk to the longest, and in training most positions were padding. Gradients flow into the
+        hypernetwork when it is in training mode; never into the base model.
         """
+        passes = micro_batches([len(c) for c in chunks], self.pass_tokens)
+        parts = [self._pass([chunks[i] for i in group]) for group in passes]
+        order = torch.tensor([i for group in passes for i in group])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        return torch.cat([a for a, _ in parts])[inverse], torch.cat([b for _, b in parts])[inverse]
+
+    def _pass(self, chunks: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         pad = self.base.tokenizer.pad_token_id or 0
         width = max(len(c) for c in chunks)
         ids = torch.full((len(chunks), width), pad, dtype=torch.long)
@@ -165,15 +188,9 @@ class DocToLoRA:
 
     @torch.no_grad()
     def internalize_batch(self, texts: Sequence[str]) -> list[LoRA]:
-        """`internalize` for several texts (their chunks share forward passes, `chunk_batch` at a time)."""
+        """`internalize` for several texts (their chunks share encoder passes)."""
         per_text = [self.chunks(t) for t in texts]
-        flat = [c for chunks in per_text for c in chunks]
-        a_parts, b_parts = [], []
-        for start in range(0, len(flat), self.chunk_batch):
-            a, b = self.chunk_factors(flat[start : start + self.chunk_batch])
-            a_parts.append(a)
-            b_parts.append(b)
-        a_all, b_all = torch.cat(a_parts), torch.cat(b_parts)
+        a_all, b_all = self.chunk_factors([c for chunks in per_text for c in chunks])
         out, offset = [], 0
         for chunks in per_text:
             out.append(self._lora(a_all[offset : offset + len(chunks)], b_all[offset : offset + len(chunks)]))

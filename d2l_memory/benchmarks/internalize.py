@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from d2l_memory.benchmarks.common import best_of, environment, peak_rss, table
-from d2l_memory.d2l import DocToLoRA, shipped_checkpoint
+from d2l_memory.d2l import DocToLoRA, micro_batches, shipped_checkpoint
 from d2l_memory.hypernet import HypernetConfig
 from d2l_memory.models import DEFAULT_MODEL, load_model
 from d2l_memory.training.data import shared_data
@@ -40,8 +40,8 @@ def run(lengths: list[int], repeats: int) -> list[list[object]]:
 
         @torch.no_grad()
         def floor(chunks: list[list[int]] = chunks) -> None:
-            for start in range(0, len(chunks), d2l.chunk_batch):
-                group = chunks[start : start + d2l.chunk_batch]
+            for indices in micro_batches([len(c) for c in chunks], d2l.pass_tokens):
+                group = [chunks[i] for i in indices]
                 width = max(map(len, group))
                 ids = torch.tensor([c + [0] * (width - len(c)) for c in group])
                 mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in group])
