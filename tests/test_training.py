@@ -96,7 +96,7 @@ def test_resume_is_exact(shard_dir, tmp_path):
     # One step from `a` moves the B scalers less than the four steps that took them from zero to `a`.
     assert 0 < (c["scaler_b"] - a["scaler_b"]).abs().max() < a["scaler_b"].abs().max()
     assert "usage_gap" in metrics[-1] and metrics[-1]["scaler_b"] > 0  # the B scalers left zero: it learns
-    assert metrics[-1]["eval_loss_chunked"] > 0
+    assert metrics[-1]["eval_loss_chunked"] > 0 and 0 <= metrics[-1]["eval_recall"] <= 1
     assert plot(tmp_path / "straight").stat().st_size > 10_000  # the curves of a run, chunked loss included
 
 

@@ -1,5 +1,5 @@
-"""Plot a run's metrics: training loss, held-out loss (own whole or in chunks / shuffled / no document) and the
-usage gap."""
+"""Plot a run's metrics: training loss, held-out loss (own whole or in chunks / shuffled / no document), the
+usage gap, and exact recall of held-out values where the run logged it."""
 
 from __future__ import annotations
 
@@ -33,6 +33,13 @@ def plot(run: Path, out: Path | None = None) -> Path:
     ax_gap.axhline(0, color="grey", lw=0.5)
     ax_gap.set_xlabel("training hours (CPU)")
     ax_gap.set_ylabel("usage gap: other - own document (nats/token)")
+    recalled = [r for r in evals if "eval_recall" in r]  # older runs did not answer held-out questions
+    if recalled:
+        ax_recall = ax_gap.twinx()
+        ax_recall.plot([r["elapsed"] / 3600 for r in recalled], [r["eval_recall"] for r in recalled], marker="x",
+                       color="tab:red")
+        ax_recall.set_ylabel("exact recall of held-out values", color="tab:red")
+        ax_recall.set_ylim(0, 1)
     fig.suptitle(run.name)
     fig.tight_layout()
     path = out or run / "curves.png"

@@ -38,10 +38,12 @@ from tqdm import tqdm
 from d2l_memory.chunking import chunk_document
 from d2l_memory.compose import member_weight
 from d2l_memory.d2l import DocToLoRA
+from d2l_memory.functional import applied
 from d2l_memory.hypernet import HypernetConfig
 from d2l_memory.models import load_model
+from d2l_memory.scoring import contains
 from d2l_memory.training.objective import l1_penalty, per_example_loss, student_batch
-from d2l_memory.training.teacher import ShardSet
+from d2l_memory.training.teacher import ShardSet, greedy, prompt_ids
 
 
 class TrainConfig(BaseModel):
@@ -69,6 +71,8 @@ class TrainConfig(BaseModel):
     gold_ce: bool = False
     eval_every: int = 50
     eval_examples: int = 32
+    recall_examples: int = Field(12, description="held-out examples answered greedily at each evaluation: "
+                                 "exact recall of values never trained on moves later than the loss does")
     checkpoint_minutes: float = 5.0
     stop_at_step: int | None = Field(None, description="end this invocation (with a checkpoint) at this step")
     time_budget_minutes: float | None = Field(None, description="end this invocation after this long")
@@ -214,9 +218,19 @@ def usage_gap(d2l: DocToLoRA, examples: list[dict], config: TrainConfig) -> dict
     chunked, _, _ = batch_factors(d2l, [[ex["context"]] for ex in real], [config.max_chunks] * len(real),
                                   config.min_chunk_tokens)
     loss_chunked = per_example_loss(d2l.base, batch, chunked, d2l.config.scale, config.gold_ce).mean().item()
+    metrics = {"eval_loss": loss_own, "eval_loss_shuffled": loss_other, "eval_loss_no_lora": loss_none,
+               "eval_loss_chunked": loss_chunked, "usage_gap": loss_other - loss_own}
+    asked = [ex for ex in real if ex.get("answer")][: config.recall_examples]
+    if asked:
+        factors, _, _ = batch_factors(d2l, [ex.get("memories") or [ex["context"]] for ex in asked], [1] * len(asked),
+                                      composition=config.composition)
+        prompts = [prompt_ids(d2l.base, ex["question"], None) for ex in asked]
+        with applied(d2l.base.model, factors, d2l.config.scale):
+            replies = d2l.base.tokenizer.batch_decode(greedy(d2l.base, prompts, 24), skip_special_tokens=True)
+        hits = [contains(reply, ex["answer"]) for reply, ex in zip(replies, asked, strict=True)]
+        metrics["eval_recall"] = sum(hits) / len(hits)
     d2l.hypernet.train()
-    return {"eval_loss": loss_own, "eval_loss_shuffled": loss_other, "eval_loss_no_lora": loss_none,
-            "eval_loss_chunked": loss_chunked, "usage_gap": loss_other - loss_own}
+    return metrics
 
 
 def train(config: TrainConfig) -> None:
