@@ -52,6 +52,7 @@ BENCHMARKS = {
     "gate": "d2l_memory.benchmarks.gate",
     "composition": "d2l_memory.benchmarks.composition",
     "store": "d2l_memory.benchmarks.store",
+    "train-throughput": "d2l_memory.benchmarks.train_throughput",
 }
 EngineName = Literal["transformers", "vllm"]
 HISTORY_MESSAGES = 6  # earlier chat turns (user + assistant messages) sent along with each REPL message

@@ -27,7 +27,8 @@ def _run_main(module, tmp_path, monkeypatch, *extra: str) -> dict:
 
 
 def test_registry_names_every_benchmark_module():
-    for name in ("internalize", "locomo", "longmemeval", "needle", "cost", "gate", "composition"):
+    for name in ("internalize", "locomo", "longmemeval", "needle", "cost", "gate", "composition", "store",
+                 "train-throughput"):
         module = __import__(BENCHMARKS[name], fromlist=["main"])
         assert callable(module.main)
 
@@ -145,3 +146,14 @@ def test_composition_quick(tmp_path, monkeypatch):
     assert set(result["accuracy"]) == set(composition.SYSTEMS)
     assert all(0.0 <= v <= 1.0 for v in result["accuracy"].values())
     assert 1.0 <= result["composed_per_question"] <= composition.QUICK.memories  # the asked memory is recalled
+
+
+def test_train_throughput_quick_trains_both_variants_on_the_same_examples(tmp_path, monkeypatch):
+    from d2l_memory.benchmarks import train_throughput
+
+    result = _run_main(train_throughput, tmp_path, monkeypatch)
+    before, after = result["variants"]["before"], result["variants"]["after"]
+    assert before["examples"] == after["examples"] == 2 * 4
+    assert result["speedup"] > 0 and before["eval_loss"] > 0
+    # Micro-batching changes only how chunks are padded, not what is computed: same held-out loss.
+    assert after["eval_loss"] == pytest.approx(before["eval_loss"], rel=1e-3)

@@ -77,6 +77,8 @@ class TrainConfig(BaseModel):
     stop_at_step: int | None = Field(None, description="end this invocation (with a checkpoint) at this step")
     time_budget_minutes: float | None = Field(None, description="end this invocation after this long")
     threads: int = 1
+    pass_tokens: int = Field(2048, ge=1, description="padded tokens per encoder pass (DocToLoRA.pass_tokens); "
+                             "a huge value encodes a batch's chunks in one padded pass, as before micro-batching")
     seed: int = 0
 
 
@@ -248,6 +250,7 @@ def train(config: TrainConfig) -> None:
 
     base = load_model(config.hypernet.base_model)
     d2l = DocToLoRA.untrained(config.hypernet, base, seed=config.seed)
+    d2l.pass_tokens = config.pass_tokens
     if config.init_from is not None:
         start = DocToLoRA.from_pretrained(config.init_from, base=base)
         if start.config != config.hypernet:
