@@ -2,7 +2,8 @@
 
 Every chunk is read the way the teacher reads a document during meta-training: as the content of a
 user turn of the base model's chat template (`Context: <chunk>`). Chunks have at most `chunk_tokens`
-document tokens and are as equal as possible, so no input can overflow the model's window.
+document tokens and are as equal as possible, so no input can overflow the model's window. The document
+is tokenized as plain text (`plain_ids`): special-token strings inside it never become chat markers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ from transformers import PreTrainedTokenizerBase
 from d2l_memory.prompts import CHUNK_TEMPLATE
 
 MARK = "\u2063D2L\u2063"  # an invisible separator no real document contains around "D2L"
+
+
+def plain_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of `text` as plain text: special-token strings in it (`<|im_start|>`, `<|im_end|>`, ...)
+    become the ordinary tokens of their characters, so a document, a memory or a message can never
+    open a new chat turn or end one."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def validate_text(text: object, what: str = "text") -> str:
@@ -78,5 +86,4 @@ def chunk_document(tokenizer: PreTrainedTokenizerBase, text: str, chunk_tokens: 
     if max_positions is not None and chunk_tokens + len(before) + len(after) > max_positions:
         raise ValueError(f"chunk_tokens={chunk_tokens} plus the chat wrapping exceeds the model window "
                          f"of {max_positions} tokens")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [before + piece + after for piece in split_tokens(ids, chunk_tokens)]
+    return [before + piece + after for piece in split_tokens(plain_ids(tokenizer, text), chunk_tokens)]

@@ -15,19 +15,29 @@ hypernetwork checksum, rank budget). Names are derived, never user paths: anythi
 refused, so a name can never point outside the cache. Each entry keeps its recipe, even after LRU
 eviction of its weights, so a vLLM resolver can rebuild it from the store, and `erase(memory_ids)`
 can drop every entry a forgotten memory is part of.
+
+Forgetting reaches every entry, whatever happens in between: `get_or_compose` checks on every hit that
+the recipe's members are still stored (one `id IN (...)` query) and checks again after each write, so a
+forget that races a composition never leaves the forgotten memory inside a new entry; `sweep` (run when a
+`D2LMemory` opens and by `d2l-memory optimize`) drops the entries of memories whose erase callbacks never
+ran (a kill -9 between the row delete and the callbacks) and temporary directories left by killed
+writers. Each entry records the sha256 of its files, checked on every hit: a corrupted entry is rebuilt,
+never served.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import posixpath
 import re
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -35,8 +45,11 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from d2l_memory.home import home
+from d2l_memory.errors import MemoryNotFoundError
+from d2l_memory.home import home, sha256_file
 from d2l_memory.lora import LoRA
+
+log = logging.getLogger(__name__)
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DEFAULT_RANK_BUDGET = 64
@@ -44,7 +57,11 @@ DEFAULT_MAX_BYTES = 2 << 30
 RECIPE_FILE = "d2l_recipe.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+CHECKED_FILES = (WEIGHTS_FILE, CONFIG_FILE)  # what vLLM and the engines read: hashed at write, checked on hits
+TEMP_PREFIX = ".d2l-"  # entries are written in `.<name>-<random>` directories first, then renamed into place
+ORPHAN_AGE_S = 3600.0  # a temporary directory this old belongs to no live writer (a write takes seconds)
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,127}")
+NamesCallback = Callable[[list[str]], None]
 
 
 def check_name(name: str) -> str:
@@ -131,17 +148,20 @@ class AdapterSource(Protocol):
     """Where member adapters come from: `store.MemoryStore` is one, or anything holding adapters by id.
 
     All of a recipe's members are asked for in one call (one blob fetch from the store). `base_model` and
-    `hypernet` are what the adapters must have been made for (None skips that check).
+    `hypernet` are what the adapters must have been made for (None skips that check). `existing` says which
+    of the ids are still stored, in one query: what every cache hit is checked against.
     """
 
     def get_adapters(self, memory_ids: Sequence[str], *, base_model: str | None,
                      hypernet: str | None) -> dict[str, LoRA]: ...
 
+    def existing(self, memory_ids: Sequence[str]) -> set[str]: ...
+
 
 class Recipe(BaseModel):
     """What a composed adapter is made of; its hash is the adapter's name."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     members: tuple[tuple[str, float], ...] = Field(min_length=1)
     base_model: str
@@ -190,14 +210,24 @@ class Composed:
         return LoRA.load_peft(self.path)
 
 
-def cache_root_for(store: str | Path) -> Path:
-    """The composed cache of one store: `home()/composed/<hash of its resolved location>`.
+def store_location(store: str | Path) -> str:
+    """One spelling per store: a local path resolved, a URI with its scheme lowercased and its path
+    normalised (`s3://b/p`, `s3://b/p/`, `S3://b//p` and `s3://b/x/../p` are one store)."""
+    text = str(store)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return str(Path(store).expanduser().resolve())
+    path = posixpath.normpath(rest).strip("/") if rest.strip("/") else ""
+    return f"{scheme.lower()}://{path}"
 
-    Every spelling of a local path maps to one root, so `forget` reaches all of the store's composed
+
+def cache_root_for(store: str | Path) -> Path:
+    """The composed cache of one store: `home()/composed/<hash of store_location(store)>`.
+
+    Every spelling of a store maps to one root, so `forget` reaches all of the store's composed
     adapters, and `d2l-memory serve --store` serves the very directory `D2LMemory` writes to.
     """
-    location = str(store) if "://" in str(store) else str(Path(store).expanduser().resolve())
-    return home() / "composed" / hashlib.sha256(location.encode()).hexdigest()[:16]
+    return home() / "composed" / hashlib.sha256(store_location(store).encode()).hexdigest()[:16]
 
 
 class ComposedCache:
@@ -218,6 +248,14 @@ class ComposedCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = int(max_bytes)
         self._lock = threading.Lock()
+        self._erase_callbacks: list[NamesCallback] = []
+
+    def on_erase(self, callback: NamesCallback) -> NamesCallback:
+        """Register `callback(names)`, called with the names of the entries removed because a member was
+        forgotten (by `erase`, `sweep`, or a hit that found a member gone), e.g. so that engines unload
+        them. Returns the callback."""
+        self._erase_callbacks.append(callback)
+        return callback
 
     def path(self, name: str) -> Path:
         """The directory an entry named `name` lives in (whether or not it exists).
@@ -228,7 +266,9 @@ class ComposedCache:
         return self.root / check_name(name)
 
     def get(self, name: str) -> Composed | None:
-        """The entry named `name` if its weights are on disk, marked as just used; else None.
+        """The entry named `name` if its weights are on disk and match their recorded sha256, marked as
+        just used; else None. Weights that do not match (a corrupted or truncated file, or an entry written
+        without checksums) are dropped as eviction drops them, so `get_or_compose` writes them again.
 
         Raises:
             ValueError: an unsafe name.
@@ -236,6 +276,10 @@ class ComposedCache:
         entry = self.path(name)
         meta = _read_meta(entry)
         if meta is None or not (entry / WEIGHTS_FILE).is_file():
+            return None
+        if not _intact(entry, meta):
+            log.warning("composed adapter %s does not match its recorded sha256: dropping its weights", name)
+            _drop_weights(entry)
             return None
         try:
             os.utime(entry)
@@ -254,21 +298,30 @@ class ComposedCache:
         return Recipe.model_validate(meta["recipe"]) if meta and meta.get("recipe") else None
 
     def get_or_compose(self, recipe: Recipe, source: AdapterSource) -> Composed:
-        """The composed adapter of `recipe`, composed from `source` and written on a miss.
+        """The composed adapter of `recipe`: an intact entry whose members `source` still holds, else one
+        composed from `source` and written.
 
         Raises:
+            MemoryNotFoundError: a member is no longer in `source` (forgotten, perhaps while this call
+                composed); every entry holding it has been erased first.
             AdapterError: a member adapter is non-finite or made for another base model or hypernetwork.
         """
         hit = self.get(recipe.name)
         if hit is not None:
+            self._check_members(recipe, source)
             return hit
         pins = {"base_model": recipe.base_model, "hypernet": recipe.hypernet or None}
         found = source.get_adapters(recipe.memory_ids, **pins)
         adapters = [found[memory_id] for memory_id in recipe.memory_ids]
         for adapter in adapters:  # whatever the source checked, nothing foreign is ever composed
             adapter.validate(**pins)
-        return self._write(recipe.name, compose(adapters, [w for _, w in recipe.members], recipe.rank_budget),
-                           recipe)
+        entry = self._write(recipe.name, compose(adapters, [w for _, w in recipe.members], recipe.rank_budget),
+                            recipe)
+        # A forget whose rows went after the read above, but whose erase scanned the cache before this entry
+        # was renamed into place, missed it; its rows are gone by now, so this check catches it. A forget
+        # whose rows go after this check erases the entry itself: it is visible to that scan.
+        self._check_members(recipe, source)
+        return entry
 
     def export(self, lora: LoRA) -> Composed:
         """A plain adapter as an entry named after its content, for engines that load adapter files.
@@ -284,19 +337,40 @@ class ComposedCache:
                                              rel_error=0.0), None)
 
     def erase(self, memory_ids: Iterable[str]) -> list[str]:
-        """Delete every entry (weights and recipe) with any of `memory_ids` among its members.
+        """Delete every entry (weights and recipe) with any of `memory_ids` among its members, and tell the
+        `on_erase` callbacks.
 
         Returns:
-            the names deleted, so that engines can unload them too.
+            the names deleted.
         """
         doomed = set(memory_ids)
         removed = []
         with self._lock:
-            for entry in self._entries():
-                recipe = (_read_meta(entry) or {}).get("recipe") or {}
-                if {m for m, _ in recipe.get("members", [])} & doomed:
+            for entry, members in self._members().items():
+                if members & doomed:
                     shutil.rmtree(entry, ignore_errors=True)
                     removed.append(entry.name)
+        self._notify(removed)
+        return removed
+
+    def sweep(self, source: AdapterSource) -> list[str]:
+        """Remove what forgetting may have left: entries with a member `source` no longer holds (its erase
+        callbacks never ran, e.g. the process was killed between the row delete and them), and temporary
+        directories older than `ORPHAN_AGE_S` (their writer was killed mid-write).
+
+        Returns:
+            the names of the entries removed (the `on_erase` callbacks are told).
+        """
+        members = set().union(*self._members().values())
+        removed = self.erase(members - source.existing(sorted(members))) if members else []
+        cutoff = time.time() - ORPHAN_AGE_S
+        for path in self.root.iterdir():
+            try:
+                orphan = path.name.startswith(TEMP_PREFIX) and path.is_dir() and path.stat().st_mtime < cutoff
+            except FileNotFoundError:  # renamed into place or removed meanwhile
+                continue
+            if orphan:
+                shutil.rmtree(path, ignore_errors=True)
         return removed
 
     def clear(self) -> None:
@@ -318,6 +392,34 @@ class ComposedCache:
         # Only directories this cache wrote: another cache may be nested under the same root.
         return [p for p in self.root.iterdir() if _NAME.fullmatch(p.name) and (p / RECIPE_FILE).is_file()]
 
+    def _members(self) -> dict[Path, set[str]]:
+        """The member ids of every entry that has a recipe."""
+        found = {}
+        for entry in self._entries():
+            recipe = (_read_meta(entry) or {}).get("recipe") or {}
+            found[entry] = {m for m, _ in recipe.get("members", [])}
+        return found
+
+    def _check_members(self, recipe: Recipe, source: AdapterSource) -> None:
+        gone = set(recipe.memory_ids) - source.existing(recipe.memory_ids)
+        if gone:
+            self.erase(gone)
+            raise MemoryNotFoundError(f"memories {', '.join(sorted(gone))} of composed adapter {recipe.name} are "
+                                      "no longer stored (forgotten); every adapter composed from them is erased")
+
+    def _notify(self, names: list[str]) -> None:
+        if not names:
+            return
+        errors: list[BaseException] = []
+        for callback in self._erase_callbacks:  # every engine hears of it, even if one fails
+            try:
+                callback(list(names))
+            except Exception as exc:
+                log.error("erase callback %r failed: %s", callback, exc)
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
     def _lru(self) -> list[Path]:
         stamped = []
         for entry in self._entries():
@@ -329,11 +431,13 @@ class ComposedCache:
 
     def _write(self, name: str, composition: Composition, recipe: Recipe | None) -> Composed:
         final = self.path(name)
+        # every name starts with `d2l-`, so this directory starts with TEMP_PREFIX and `sweep` finds it
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.root))
         try:
             composition.lora.save_peft(tmp)
             meta = {"rank": composition.rank, "rel_error": composition.rel_error, "created": time.time(),
-                    "recipe": recipe.model_dump(mode="json") if recipe else None}
+                    "recipe": recipe.model_dump(mode="json") if recipe else None,
+                    "sha256": {file: sha256_file(tmp / file) for file in CHECKED_FILES}}
             (tmp / RECIPE_FILE).write_text(json.dumps(meta))
             if final.exists() and not (final / WEIGHTS_FILE).is_file():
                 shutil.rmtree(final, ignore_errors=True)  # an evicted entry's recipe: replaced whole
@@ -360,8 +464,7 @@ class ComposedCache:
                 if total <= self.max_bytes:
                     break
                 if entry != keep and sizes[entry]:
-                    for name in (WEIGHTS_FILE, CONFIG_FILE):
-                        (entry / name).unlink(missing_ok=True)
+                    _drop_weights(entry)
                     total -= sizes[entry]
 
 
@@ -370,6 +473,21 @@ def _read_meta(entry: Path) -> dict | None:
         return json.loads((entry / RECIPE_FILE).read_text())
     except (OSError, ValueError):
         return None
+
+
+def _intact(entry: Path, meta: dict) -> bool:
+    recorded = meta.get("sha256")
+    if not isinstance(recorded, dict) or set(recorded) != set(CHECKED_FILES):
+        return False
+    try:
+        return all(sha256_file(entry / file) == recorded[file] for file in CHECKED_FILES)
+    except OSError:  # erased meanwhile
+        return False
+
+
+def _drop_weights(entry: Path) -> None:
+    for name in CHECKED_FILES:
+        (entry / name).unlink(missing_ok=True)
 
 
 def _weights_bytes(entry: Path) -> int:

@@ -8,29 +8,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from d2l_memory.chunking import validate_text
+from d2l_memory.chunking import plain_ids, validate_text
 from d2l_memory.compose import ComposedCache, Recipe, cache_root_for, member_weight
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.engines import Engine, GenerationParams, make_engine
+from d2l_memory.engines.vllm_server import evict_from_servers
+from d2l_memory.errors import MemoryNotFoundError
 from d2l_memory.kinds import KINDS, MODES, Kind
 from d2l_memory.models import DEFAULT_MODEL, load_model
 from d2l_memory.prompts import QA_TEMPLATE
-from d2l_memory.store import MemoryStore, StoredMemory
+from d2l_memory.store import MemoryInput, MemoryStore, StoredMemory
 from d2l_memory.transcripts import render_tool_output, segment_turns, transcript_turns
 
 log = logging.getLogger(__name__)
 
 
 class MemoryConfig(BaseModel):
-    """Settings of a `D2LMemory` (all have defaults that work on a laptop CPU)."""
+    """Settings of a `D2LMemory` (all have defaults that work on a laptop CPU).
+
+    The `max_*` fields are resource caps: each bounds what one call may cost, and each may be raised.
+
+    Raises:
+        ValueError: (pydantic's `ValidationError`) an unknown field, a value of the wrong type or out of
+            range, or `k` above `max_k`.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -40,6 +50,8 @@ class MemoryConfig(BaseModel):
     relevance_threshold: float = Field(0.2, ge=-1.0, le=1.0,
                                        description="memories less similar than this to the query are not used")
     k: int = Field(4, ge=1, description="memories recalled per chat turn")
+    max_k: int = Field(16, ge=1, description="largest k a chat turn may ask for (each recalled memory's adapter "
+                       "is read and composed)")
     rank_budget: int = Field(64, ge=1, le=512, description="largest rank of a composed adapter (vLLM's "
                              "max_lora_rank must hold it)")
     composition: Literal["sum", "mean"] = Field(
@@ -47,9 +59,20 @@ class MemoryConfig(BaseModel):
         "the model as far as one; the better of the two on conversations in docs/benchmarks.md) or `sum` "
         "(weight 1 each, the paper's concatenation)")
     segment_tokens: int = Field(256, ge=16, description="token budget of one chat memory (absorb_messages)")
-    max_document_chars: int = Field(400_000, ge=1, description="absorb() refuses longer texts")
+    max_segments: int = Field(64, ge=1, description="absorb_messages refuses conversations of more segments "
+                              "(their adapters are held in memory until the one commit: ~2 MB each)")
+    max_document_chars: int = Field(64_000, ge=1, description="absorb() refuses longer texts")
+    max_chunks: int = Field(32, ge=1, description="absorb() refuses texts of more chunks: an adapter grows by "
+                            "about 1 MB per chunk of 512 tokens")
+    max_answer_tokens: int = Field(1024, ge=1, description="largest max_new_tokens chat and stream accept")
     max_context_tokens: int = Field(6000, ge=64, description="text budget of the prompt in context/hybrid modes")
     composed_cache_bytes: int = Field(2 * 2**30, ge=0)
+
+    @model_validator(mode="after")
+    def _k_within_cap(self) -> MemoryConfig:
+        if self.k > self.max_k:
+            raise ValueError(f"k={self.k} exceeds max_k={self.max_k}")
+        return self
 
 
 class MemoryRecord(BaseModel):
@@ -82,16 +105,17 @@ class D2LMemory:
         path: the LanceDB store: a directory (created if missing), `s3://bucket/prefix` or `db://...`.
         engine: `"transformers"` (embedded, default), `"vllm"` (offline vLLM in this process),
             `"vllm-server"`, or an `Engine` instance.
-        config: settings; keyword arguments override single fields (`D2LMemory(p, k=8)`).
+        config: settings; keyword arguments override single fields (`D2LMemory(p, k=8)`). The merged
+            settings are validated before anything loads, and `self.config` is the validated result.
 
     Raises:
-        ValueError: an unknown engine name or bad config value.
+        ValueError: an unknown engine name, or (pydantic's `ValidationError`) an unknown setting or a bad
+            value, e.g. `keep_txt=False` or `k="many"` (`k="4"` is taken as 4).
     """
 
     def __init__(self, path: str | Path, engine: str | Engine = "transformers",
                  config: MemoryConfig | None = None, **overrides: Any) -> None:
-        self.config = (config or MemoryConfig()).model_copy(update=overrides)
-        MemoryConfig.model_validate(self.config.model_dump())
+        self.config = MemoryConfig.model_validate({**(config or MemoryConfig()).model_dump(), **overrides})
         base = load_model(self.config.base_model)
         self.d2l = DocToLoRA.from_pretrained(self.config.hypernet, base=base)
         self.store = MemoryStore(path, keep_text=self.config.keep_text)
@@ -108,11 +132,15 @@ class D2LMemory:
                                       lora_target_modules=(target,))
         else:
             raise ValueError(f"unknown engine {engine!r}; expected 'transformers', 'vllm' or 'vllm-server'")
-        self.store.on_erase(self._erased)
+        # Forgetting reaches every composed adapter that contains the memory, the engine's copy, and every
+        # server that serves from this store's cache; the sweep catches what a killed forget left behind.
+        self.store.on_erase(self.cache.erase)
+        self.cache.on_erase(self._unload)
+        self.cache.sweep(self.store)
 
-    def _erased(self, memory_ids: list[str]) -> None:
-        # Forgetting reaches every composed adapter that contains the memory, and the engine's copy.
-        self.engine.evict(self.cache.erase(memory_ids))
+    def _unload(self, names: list[str]) -> None:
+        self.engine.evict(names)
+        evict_from_servers(self.cache, names)
 
     # -- writing -------------------------------------------------------------------------------
     def absorb(self, text: object, user_id: str, kind: str = "document", *, agent_id: str | None = None,
@@ -127,23 +155,14 @@ class D2LMemory:
 
         Raises:
             TypeError: text that is not str (bytes included), or a tool output that is not JSON.
-            ValueError: empty/whitespace text, lone surrogates, a text over `max_document_chars`, an
-                unknown kind, or an invalid id. Nothing stored changes.
+            ValueError: empty/whitespace text, lone surrogates, a text over `max_document_chars` or
+                `max_chunks`, an unknown kind, or an invalid id. Nothing stored changes.
         """
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
         if kind == "tool":
             text = render_tool_output(text)
-        text = validate_text(text)
-        if len(text) > self.config.max_document_chars:
-            raise ValueError(f"text has {len(text):,} characters, over max_document_chars="
-                             f"{self.config.max_document_chars:,}; split it or raise the cap")
-        self.store.validate_scope(user_id=user_id, agent_id=agent_id, session_id=session_id)
-        lora = self.d2l.internalize(text)
-        n_tokens = self.count_tokens(text)
-        stored = self.store.add(user_id, lora, text=text, kind=kind, agent_id=agent_id, session_id=session_id,
-                                n_tokens=n_tokens, metadata=metadata)
-        return MemoryRecord.from_stored(stored)
+        return self._absorb([text], user_id, kind, agent_id, session_id, metadata)[0]
 
     def absorb_messages(self, messages: object, user_id: str, *, agent_id: str | None = None,
                         session_id: str | None = None, segment_tokens: int | None = None,
@@ -151,6 +170,7 @@ class D2LMemory:
                         roles: Collection[str] | None = None) -> list[MemoryRecord]:
         """Absorb a conversation as `chat` memories, cut at turn boundaries into segments of at most
         `segment_tokens` tokens (default `config.segment_tokens`; a longer single turn is its own segment).
+        All segments are stored in one commit: after a failure none is, so a retry stores each once.
 
         Args:
             roles: absorb only the turns of these roles, e.g. `("user",)` to remember what the user said
@@ -158,8 +178,8 @@ class D2LMemory:
                 memory that best matches that question). None absorbs every turn.
 
         Raises:
-            TypeError / ValueError: unreadable messages, no text in the kept turns, or a non-positive
-                token budget.
+            TypeError / ValueError: unreadable messages, no text in the kept turns, a non-positive token
+                budget, more than `max_segments` segments, or what `absorb` raises for a segment.
         """
         budget = self.config.segment_tokens if segment_tokens is None else segment_tokens
         turns = transcript_turns(messages, roles)
@@ -167,27 +187,62 @@ class D2LMemory:
             raise ValueError("messages hold no text" if roles is None else
                              f"messages hold no text from the roles {sorted(roles)}")
         segments = segment_turns(turns, self.count_tokens, budget)
-        return [self.absorb(seg, user_id, "chat", agent_id=agent_id, session_id=session_id,
-                            metadata=metadata) for seg in segments]
+        if len(segments) > self.config.max_segments:
+            raise ValueError(f"the conversation makes {len(segments)} segments, over max_segments="
+                             f"{self.config.max_segments}; absorb it in parts or raise the cap")
+        return self._absorb(segments, user_id, "chat", agent_id, session_id, metadata)
+
+    def _absorb(self, texts: Sequence[object], user_id: str, kind: str, agent_id: str | None,
+                session_id: str | None, metadata: Mapping[str, Any] | None) -> list[MemoryRecord]:
+        """Check every text, internalize them all, then store them all in one commit."""
+        self.store.validate_scope(user_id=user_id, agent_id=agent_id, session_id=session_id)
+        checked = [validate_text(text) for text in texts]
+        counts = []
+        for text in checked:
+            if len(text) > self.config.max_document_chars:
+                raise ValueError(f"text has {len(text):,} characters, over max_document_chars="
+                                 f"{self.config.max_document_chars:,}; split it or raise the cap")
+            n_tokens = self.count_tokens(text)
+            n_chunks = math.ceil(n_tokens / self.d2l.config.chunk_tokens)
+            if n_chunks > self.config.max_chunks:
+                raise ValueError(f"text has {n_tokens:,} tokens, {n_chunks} chunks of "
+                                 f"{self.d2l.config.chunk_tokens}: over max_chunks={self.config.max_chunks}; "
+                                 "split it or raise the cap")
+            counts.append(n_tokens)
+        loras = self.d2l.internalize_batch(checked)
+        stored = self.store.add_many([
+            MemoryInput(user_id=user_id, adapter=lora, text=text, kind=kind, agent_id=agent_id,
+                        session_id=session_id, n_tokens=n_tokens, metadata=dict(metadata or {}))
+            for text, lora, n_tokens in zip(checked, loras, counts, strict=True)])
+        return [MemoryRecord.from_stored(m) for m in stored]
 
     def count_tokens(self, text: str) -> int:
-        """Tokens of `text` in the base model's tokenizer, as plain text (no special tokens)."""
-        return len(self.d2l.base.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """Tokens of `text` in the base model's tokenizer, as plain text (special-token strings included)."""
+        return len(plain_ids(self.d2l.base.tokenizer, text))
 
-    def forget(self, memory_id: str | None = None, *, user_id: str | None = None) -> int:
-        """Delete one memory, or all of a user's; composed adapters containing them are erased too.
+    def forget(self, memory_id: str | Collection[str] | None = None, *, user_id: str | None = None) -> int:
+        """Forget memories of `user_id`: one (`memory_id`), several (a list of ids), or all of them (no id).
+
+        Forgetting is exact: the rows go, the store's files are rewritten without them and older table
+        versions dropped (one rewrite per call, however many ids), every composed adapter containing one
+        is erased and unloaded from the engine and from every server serving this store's cache.
+        An id that is not the user's counts as not found: no caller can forget, or learn of, another
+        user's memory. A caller without a user id (an operator tool) uses `store.delete(memory_id,
+        purge=True)`.
 
         Returns:
-            the number of memories removed.
+            the number of memories removed (0 for ids already gone or not the user's).
 
         Raises:
-            ValueError: neither or both arguments, or an invalid id.
+            ValueError: no `user_id` (the message says how to pass it), or an invalid id.
         """
-        if (memory_id is None) == (user_id is None):
-            raise ValueError("pass exactly one of memory_id or user_id")
-        if memory_id is not None:
-            return self.store.delete(memory_id)
-        return self.store.delete_user(user_id)  # type: ignore[arg-type]
+        if user_id is None:
+            raise ValueError("forget needs the memories' user_id: forget(memory_id, user_id=...) forgets one "
+                             "memory of that user, forget(user_id=...) all of them")
+        if memory_id is None:
+            return self.store.delete_user(user_id)
+        ids = [memory_id] if isinstance(memory_id, str) else list(memory_id)
+        return self.store.delete_many(ids, user_id=user_id, purge=True) if ids else 0
 
     # -- reading -------------------------------------------------------------------------------
     def recall(self, query: str, user_id: str, k: int | None = None, *, agent_id: str | None = None,
@@ -199,7 +254,7 @@ class D2LMemory:
         """
         validate_text(query, "query")
         k = self.config.k if k is None else k
-        if not isinstance(k, int) or k < 1:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         hits = self.store.search(query, user_id, k=k, agent_id=agent_id, session_id=session_id,
                                  kind=kind)  # type: ignore[arg-type]
@@ -215,18 +270,27 @@ class D2LMemory:
         """The engine request one chat turn becomes: `(messages, adapter or None)`.
 
         Raises:
-            ValueError: an unknown mode, or what `recall` raises.
+            ValueError: an unknown mode, a `k` above `config.max_k`, or what `recall` raises.
         """
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         validate_text(message, "message")
-        hits = [] if mode == "none" else self.relevant(message, user_id, k, **scope)
-        adapter = None
-        if mode in ("adapter", "hybrid") and hits:
-            weight = member_weight(self.config.composition, len(hits))
-            recipe = Recipe(members=tuple((h.id, weight) for h in hits), base_model=self.d2l.base.model_id,
-                            hypernet=self.d2l.checksum, rank_budget=self.config.rank_budget)
-            adapter = self.cache.get_or_compose(recipe, self.store)
+        if isinstance(k, int) and k > self.config.max_k:
+            raise ValueError(f"k={k} exceeds max_k={self.config.max_k}")
+        for attempt in range(2):
+            hits = [] if mode == "none" else self.relevant(message, user_id, k, **scope)
+            adapter = None
+            if mode in ("adapter", "hybrid") and hits:
+                weight = member_weight(self.config.composition, len(hits))
+                recipe = Recipe(members=tuple((h.id, weight) for h in hits), base_model=self.d2l.base.model_id,
+                                hypernet=self.d2l.checksum, rank_budget=self.config.rank_budget)
+                try:
+                    adapter = self.cache.get_or_compose(recipe, self.store)
+                except MemoryNotFoundError:
+                    if attempt:
+                        raise
+                    continue  # a recalled memory was forgotten meanwhile: recall again, without it
+            break
         snippets = [h.text for h in hits if h.text] if mode == "context" else \
             [h.text for h in hits[:1] if h.text] if mode == "hybrid" else []
         content = message
@@ -235,9 +299,10 @@ class D2LMemory:
         return [*map(dict, history), {"role": "user", "content": content}], adapter
 
     def _fit(self, text: str) -> str:
-        tok = self.d2l.base.tokenizer
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= self.config.max_context_tokens else tok.decode(ids[: self.config.max_context_tokens])
+        ids = plain_ids(self.d2l.base.tokenizer, text)
+        if len(ids) <= self.config.max_context_tokens:
+            return text
+        return self.d2l.base.tokenizer.decode(ids[: self.config.max_context_tokens])
 
     def chat(self, message: str, user_id: str, mode: str = "adapter", max_new_tokens: int = 64, *,
              k: int | None = None, history: Sequence[Mapping[str, str]] = (), **scope: Any) -> str:
@@ -247,9 +312,19 @@ class D2LMemory:
         memories' adapters and puts nothing about them in the prompt; `context` puts their text in the
         prompt (the classic baseline); `hybrid` does both with only the best snippet; `none` uses the
         base model alone. With no relevant memory, every mode is the untouched base model.
+
+        Raises:
+            ValueError: what `prepare` raises, or `max_new_tokens` above `config.max_answer_tokens`.
         """
+        params = self._params(max_new_tokens)
         messages, adapter = self.prepare(message, user_id, mode, k, history, **scope)
-        return self.engine.generate(messages, adapter, GenerationParams(max_new_tokens=max_new_tokens))
+        return self.engine.generate(messages, adapter, params)
+
+    def _params(self, max_new_tokens: int) -> GenerationParams:
+        if isinstance(max_new_tokens, int) and max_new_tokens > self.config.max_answer_tokens:
+            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds max_answer_tokens="
+                             f"{self.config.max_answer_tokens}")
+        return GenerationParams(max_new_tokens=max_new_tokens)
 
     def stream(self, message: str, user_id: str, mode: str = "adapter", max_new_tokens: int = 64, *,
                k: int | None = None, history: Sequence[Mapping[str, str]] = (), **scope: Any) -> Iterator[str]:
@@ -259,8 +334,9 @@ class D2LMemory:
         the embedded engine locks the model for one token at a time. Close it (or exhaust it) when the
         reader leaves; with vLLM an open stream holds that engine until then.
         """
+        params = self._params(max_new_tokens)
         messages, adapter = self.prepare(message, user_id, mode, k, history, **scope)
-        yield from self.engine.stream(messages, adapter, GenerationParams(max_new_tokens=max_new_tokens))
+        yield from self.engine.stream(messages, adapter, params)
 
     def list(self, user_id: str, **scope: Any) -> list[MemoryRecord]:
         """All of a user's memories (optionally narrowed by agent_id, session_id, kind)."""

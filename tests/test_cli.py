@@ -115,7 +115,7 @@ def test_list_recall_and_forget_do_not_load_the_model(store, absorbed, monkeypat
     (["absorb", "{missing}", "--user", "alice"], None, ["no such file", "missing.txt"]),
     (["absorb", "-", "--user", "alice", "--metadata", "{oops"], "hi", ["--metadata", "JSON"]),
     (["chat", "--user", "alice", "--mode", "telepathy", "-m", "hi"], None, ["--mode", "telepathy"]),
-    (["forget", "--yes"], None, ["exactly one of --id or --user"]),
+    (["forget", "--yes"], None, ["pass --user"]),
     (["eval", "--tasks", "facts,astrology"], None, ["unknown task", "astrology"]),
 ], ids=["empty-file", "blank-stdin", "unknown-kind", "missing-file", "bad-metadata", "unknown-mode", "no-target",
         "unknown-task"])
@@ -159,6 +159,8 @@ def test_serve_builds_the_server_config_and_stops_it_on_ctrl_c(monkeypatch):
     config = FakeServer.last.config
     assert config.port == 8123 and config.model == "smollm2-135m-instruct" and config.extra_args == ("--enforce-eager",)
     assert config.env == {"D2L_MEMORY_STORE_URI": "/data/memories"} and FakeServer.last.stopped
+    assert config.tool_call_parser == "hermes" and config.chat_template is None  # tool calling is on by default
+    assert run("serve", "--tool-call-parser", "none").exit_code == 0 and FakeServer.last.config.tool_call_parser is None
     bad = run("serve", "--max-lora-rank", "7")
     assert bad.exit_code == 2 and bad.stderr.startswith("error: max_lora_rank: ") and "Traceback" not in bad.output
 

@@ -42,6 +42,9 @@ class Source:
         self.reads += len(memory_ids)
         return {memory_id: self.adapters[memory_id] for memory_id in memory_ids}
 
+    def existing(self, memory_ids) -> set[str]:
+        return set(memory_ids) & set(self.adapters)
+
 
 def mid(i: int) -> str:
     return f"{i:032x}"

@@ -108,6 +108,9 @@ def test_composed_adapters_from_the_cache_serve_like_their_lora(
         def get_adapters(self, memory_ids, *, base_model: str | None, hypernet: str | None) -> dict[str, LoRA]:
             return {memory_id: adapters["a"] for memory_id in memory_ids}
 
+        def existing(self, memory_ids) -> set[str]:
+            return set(memory_ids)
+
     composed = ComposedCache(tmp_path).get_or_compose(
         Recipe(members=((f"{1:032x}", 1.0),), base_model=BASE), Source())
     assert composed.lora.rank == 8

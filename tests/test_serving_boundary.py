@@ -112,7 +112,7 @@ def test_the_client_sends_the_key_on_every_request(monkeypatch: pytest.MonkeyPat
     hello = [{"role": "user", "content": "hi"}]
     assert engine.generate(hello) == "hi" and "".join(engine.stream(hello)) == "hi"
     engine.evict(["d2l-0"])
-    assert [p for p, _ in seen] == ["/v1/chat/completions"] * 2 + ["/v1/models", "/v1/unload_lora_adapter"]
+    assert [p for p, _ in seen] == ["/v1/chat/completions"] * 2 + ["/v1/unload_lora_adapter"]
     assert {auth for _, auth in seen} == {f"Bearer {KEY}"}
     monkeypatch.setenv("D2L_MEMORY_API_KEY", "from-env")
     assert VLLMServerEngine("http://127.0.0.1:9").http.headers["authorization"] == "Bearer from-env"

@@ -47,6 +47,9 @@ class _Memories:
                      hypernet: str | None) -> dict[str, LoRA]:
         return {memory_id: self._adapter(memory_id) for memory_id in memory_ids}
 
+    def existing(self, memory_ids: Sequence[str]) -> set[str]:
+        return set(memory_ids)  # every id names an adapter here
+
     def _adapter(self, memory_id: str) -> LoRA:
         g = torch.Generator().manual_seed(int(memory_id, 16) % (2**31))
         return LoRA({f"model.layers.{i}.mlp.down_proj": (torch.randn(8, self.d_mlp, generator=g) * 0.02,

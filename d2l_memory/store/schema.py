@@ -129,7 +129,7 @@ class MemoryInput(BaseModel):
     tokens, as the caller counted it.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     user_id: str
     adapter: LoRA

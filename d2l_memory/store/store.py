@@ -402,16 +402,22 @@ class MemoryStore:
                     raise
                 log.info("add hit a commit conflict (attempt %d), retrying: %s", attempt + 1, exc)
                 _backoff(attempt)
-                landed = set(self._existing_ids([row["id"] for row in pending]))
+                landed = self.existing([row["id"] for row in pending])
                 pending = [row for row in pending if row["id"] not in landed]
                 if not pending:
                     return
 
-    def _existing_ids(self, ids: Sequence[str]) -> _Ids:
-        found: list[str] = []
-        for chunk in _chunks(ids):
+    def existing(self, memory_ids: Sequence[str]) -> set[str]:
+        """Which of `memory_ids` are stored: one `id IN (...)` query per 1,000 ids (composed adapters are
+        checked against it on every cache hit).
+
+        Raises:
+            ValueError: an id that is not a uuid hex string.
+        """
+        found: set[str] = set()
+        for chunk in _chunks([_memory_id(i) for i in memory_ids]):
             table = self._table.search().where(_ids_filter(chunk)).select(["id"]).to_arrow()
-            found += table.column("id").to_pylist()
+            found.update(table.column("id").to_pylist())
         return found
 
     # -- reading -------------------------------------------------------------------------------------
@@ -608,17 +614,26 @@ class MemoryStore:
         self._erase_callbacks.append(callback)
         return callback
 
-    def delete(self, memory_id: str, *, purge: bool = False) -> int:
-        """Delete one memory; returns how many rows went (0 or 1).
+    def delete(self, memory_id: str, *, user_id: str | None = None, purge: bool = False) -> int:
+        """Delete one memory; returns how many rows went (0 or 1). `delete_many` with one id."""
+        return self.delete_many([memory_id], user_id=user_id, purge=purge)
 
-        The row is gone from every read at once. Its bytes stay in their data file (marked deleted) and in
-        old versions until a compaction happens to rewrite that file; purge=True erases them now (see
-        `delete_user` for what that does and costs).
+    def delete_many(self, memory_ids: Sequence[str], *, user_id: str | None = None, purge: bool = False) -> int:
+        """Delete memories by id, only those of `user_id` when it is given; returns how many rows went.
+
+        The rows are gone from every read at once. Without `purge`, their bytes stay in their data files
+        (marked deleted) and in the table's older versions until a compaction rewrites those files and
+        `optimize` drops those versions. With `purge=True` they are erased now, all of them with one
+        rewrite however many ids there are (see `delete_user` for what that does and costs).
 
         Raises:
-            ValueError: an id that is not a uuid hex string.
+            ValueError: an id that is not a uuid hex string, or a user id that is not allowed.
         """
-        rows = self._rows(f"id = {_sql(_memory_id(memory_id))}", ["id"], row_addr=purge)
+        ids = list(dict.fromkeys(_memory_id(i) for i in memory_ids))
+        scope = "" if user_id is None else f" AND {_scope_filter(user_id)}"
+        rows: _Rows = []
+        for chunk in _chunks(ids):
+            rows += self._rows(_ids_filter(chunk) + scope, ["id"], row_addr=purge)
         return self._erase(rows, purge=purge)
 
     def delete_user(self, user_id: str, *, purge: bool = True) -> int:

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -39,6 +40,7 @@ from d2l_memory.chunking import chunk_document
 from d2l_memory.compose import member_weight
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.functional import applied
+from d2l_memory.home import sha256_file
 from d2l_memory.hypernet import HypernetConfig
 from d2l_memory.models import load_model
 from d2l_memory.scoring import contains
@@ -77,9 +79,17 @@ class TrainConfig(BaseModel):
     stop_at_step: int | None = Field(None, description="end this invocation (with a checkpoint) at this step")
     time_budget_minutes: float | None = Field(None, description="end this invocation after this long")
     threads: int = 1
+    device: str = Field("cpu", description="where the base model and hypernetwork run ('cuda' on a GPU)")
     pass_tokens: int = Field(2048, ge=1, description="padded tokens per encoder pass (DocToLoRA.pass_tokens); "
                              "a huge value encodes a batch's chunks in one padded pass, as before micro-batching")
     seed: int = 0
+
+
+def on_device(examples: list[dict], device: str) -> list[dict]:
+    """`examples` with their teacher tensors on `device` (`ShardSet` reads them onto the CPU)."""
+    if device == "cpu":
+        return examples
+    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in ex.items()} for ex in examples]
 
 
 def memories_for(examples: list[dict], rng: random.Random, pool: list[dict]) -> list[list[str]]:
@@ -155,11 +165,37 @@ def make_optimizer(d2l: DocToLoRA, config: TrainConfig) -> torch.optim.AdamW:
     ])
 
 
+STATE_FILE = "train_state.json"  # a checkpoint's record, written last: where it is whole, the checkpoint is
+
+
 def save_checkpoint(directory: Path, d2l: DocToLoRA, opt: torch.optim.Optimizer,
                     sched: torch.optim.lr_scheduler.LambdaLR, state: dict) -> None:
-    """Atomically write everything needed to resume exactly."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    """Write everything needed to resume exactly, so that a kill at any moment leaves one whole checkpoint.
+
+    The checkpoint is written whole into `<name>.tmp`, `train_state.json` last and atomically (it records
+    the sha256 of the other files, so where it exists the rest is complete). Then its files replace those of
+    `directory` one at a time, `train_state.json` last (`_install`); a first checkpoint is renamed into place
+    whole. So `directory/train_state.json` exists from the first checkpoint on (the run resumes whenever it
+    does): a kill while `.tmp` is written leaves the previous checkpoint as it was, and a kill during the
+    replacements leaves `.tmp/train_state.json`, from which `load_checkpoint` finishes them.
+
+    Raises:
+        RuntimeError: `directory` is missing while `<name>.tmp` or `<name>.old` holds a whole checkpoint (an
+            older release's swap was killed between its renames): this run did not resume from it, and
+            saving would destroy it. The message says how to resume from it.
+    """
+    tmp, old = (directory.with_name(directory.name + suffix) for suffix in (".tmp", ".old"))
+    if not directory.exists():
+        for stranded in (tmp, old):
+            if (stranded / STATE_FILE).is_file():
+                raise RuntimeError(f"{directory} is missing but {stranded} holds a whole checkpoint, which this run "
+                                   f"did not resume from: rename {stranded} to {directory} and start the run "
+                                   f"again to resume it, or delete {stranded} to keep this run")
+    elif (tmp / STATE_FILE).is_file():
+        _install(tmp, directory)  # a swap a kill interrupted, if nothing loaded the checkpoint since
+    for leftover in (tmp, old):  # a half-written checkpoint, or an older release's swap leftover
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir(parents=True)
     d2l.save(tmp, dtype=torch.float32)
     opt_state = opt.state_dict()
     tensors = {}
@@ -168,27 +204,57 @@ def save_checkpoint(directory: Path, d2l: DocToLoRA, opt: torch.optim.Optimizer,
             tensors[f"{pid}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors["torch_rng"] = torch.get_rng_state()
     save_file(tensors, tmp / "optimizer.safetensors")
+    files = sorted(p.name for p in tmp.iterdir())
+    for name in files:  # on disk before the record that vouches for them
+        with open(tmp / name, "rb") as fh:
+            os.fsync(fh.fileno())
     meta = {"param_groups": opt_state["param_groups"], "scheduler": sched.state_dict(),
             "python_rng": list(map(lambda x: list(x) if isinstance(x, tuple) else x, random.getstate())),
-            **state}
-    (tmp / "train_state.json").write_text(json.dumps(meta, default=str))
+            **state, "files": {name: sha256_file(tmp / name) for name in files}}
+    record = tmp / (STATE_FILE + ".part")
+    with open(record, "w") as fh:
+        fh.write(json.dumps(meta, default=str))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(record, tmp / STATE_FILE)
     if directory.exists():
-        old = directory.with_name(directory.name + ".old")
-        directory.rename(old)
-        tmp.rename(directory)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
+        _install(tmp, directory)
     else:
         tmp.rename(directory)
 
 
+def _install(tmp: Path, directory: Path) -> None:
+    """Move a whole checkpoint's files from `tmp` over those of `directory`, `train_state.json` last, then drop
+    `tmp`. Run again after a kill part way, it moves what is left."""
+    for name in sorted(p.name for p in tmp.iterdir() if p.name != STATE_FILE):
+        os.replace(tmp / name, directory / name)
+    os.replace(tmp / STATE_FILE, directory / STATE_FILE)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_checkpoint(directory: Path, d2l: DocToLoRA, opt: torch.optim.Optimizer,
                     sched: torch.optim.lr_scheduler.LambdaLR) -> dict:
+    """Restore what `save_checkpoint` wrote, after finishing a swap that a kill interrupted (the newest whole
+    checkpoint wins: `<name>.tmp`'s when it has its `train_state.json`).
+
+    Raises:
+        ValueError: a file that does not match the sha256 its `train_state.json` records (a corrupted
+            checkpoint is refused, never resumed from).
+    """
+    tmp = directory.with_name(directory.name + ".tmp")
+    if (tmp / STATE_FILE).is_file():
+        if directory.exists():
+            _install(tmp, directory)
+        else:
+            tmp.rename(directory)
+    meta = json.loads((directory / STATE_FILE).read_text())
+    for name, digest in meta.pop("files", {}).items():  # checkpoints of older releases record none
+        if sha256_file(directory / name) != digest:
+            raise ValueError(f"{directory / name} does not match the sha256 in {STATE_FILE}: the checkpoint is "
+                             "corrupt")
     state = load_file(directory / "hypernet.safetensors")
     d2l.hypernet.load_state_dict(state)
     tensors = load_file(directory / "optimizer.safetensors")
-    meta = json.loads((directory / "train_state.json").read_text())
     slots: dict[int, dict] = {}
     for key, value in tensors.items():
         if key == "torch_rng":
@@ -242,6 +308,8 @@ def train(config: TrainConfig) -> None:
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     torch.set_num_threads(config.threads)
+    if config.device != "cpu":  # the loop builds its batches with plain torch.tensor calls: make them there
+        torch.set_default_device(config.device)
     torch.manual_seed(config.seed + rank)
     random.seed(config.seed + rank)
     config.out.mkdir(parents=True, exist_ok=True)
@@ -249,6 +317,13 @@ def train(config: TrainConfig) -> None:
         (config.out / "train.json").write_text(config.model_dump_json(indent=1))
 
     base = load_model(config.hypernet.base_model)
+    base.model.to(config.device)
+    # A new run on another base model gives only hypernet.base_model: the rest of its shape is read from the model
+    # (and what a config does give is checked against it).
+    given = config.hypernet.model_dump(include=config.hypernet.model_fields_set)
+    config.hypernet = HypernetConfig.for_model(base, **given)
+    if rank == 0:
+        (config.out / "train.json").write_text(config.model_dump_json(indent=1))
     d2l = DocToLoRA.untrained(config.hypernet, base, seed=config.seed)
     d2l.pass_tokens = config.pass_tokens
     if config.init_from is not None:
@@ -262,6 +337,7 @@ def train(config: TrainConfig) -> None:
     shards = ShardSet(config.data)
     held_out = [ex for ex in ShardSet(config.eval_data).examples if not ex["control"]][: config.eval_examples] \
         if config.eval_data.exists() else []
+    held_out = on_device(held_out, config.device)
     step, position, epoch, started = 0, 0, 0, time.time()
     last = config.out / "last"
     if (last / "train_state.json").exists():
@@ -269,7 +345,7 @@ def train(config: TrainConfig) -> None:
         step, position, epoch = meta["step"], meta["position"], meta["epoch"]
         started -= meta.get("elapsed", 0.0)
         shards = ShardSet(config.data, meta["shards"])  # the epoch's exact data, for an exact resume
-    data = shards.examples
+    data = on_device(shards.examples, config.device)
     pool = [ex for ex in data if not ex["control"]]
     order = epoch_order(len(data), config.seed, epoch)
     log = (config.out / "metrics.jsonl").open("a") if rank == 0 else None  # closed at the end of train()
@@ -295,7 +371,7 @@ def train(config: TrainConfig) -> None:
                 if position + config.batch_size * world > len(order):
                     # New epoch: pick up shards written since (data preparation may run alongside).
                     epoch, position, shards = epoch + 1, 0, ShardSet(config.data)
-                    data = shards.examples
+                    data = on_device(shards.examples, config.device)
                     pool = [ex for ex in data if not ex["control"]]
                     order = epoch_order(len(data), config.seed, epoch)
                 idx = order[position + rank * config.batch_size : position + (rank + 1) * config.batch_size]

@@ -63,9 +63,9 @@ def forget(memory: D2LMemory, user_id: str, memory_id: str | None = None) -> int
     check_user(user_id)
     if memory_id is None:
         return memory.forget(user_id=user_id)
-    if memory_id not in {r.id for r in memory.list(user_id)}:
+    if not memory.forget(memory_id, user_id=user_id):  # scoped: another user's id forgets nothing
         raise MemoryNotFoundError(f"{user_id} has no memory {memory_id}")
-    return memory.forget(memory_id)
+    return 1
 
 
 class Conversation:

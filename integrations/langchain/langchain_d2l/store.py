@@ -10,7 +10,10 @@ so namespaces follow d2l-memory's own scopes, and LangGraph's prefix search is s
 `search(("memories", "alice"))` covers all of Alice's memories, also those an agent absorbed through
 `D2LMemoryMiddleware` or `D2LMemory.absorb` (their key is the memory id). A memory with a session but no
 agent is listed under `(*prefix, user_id)`. Other namespaces raise `InvalidNamespaceError`; searching
-above the user level (e.g. `("memories",)`) is refused, so a search never crosses users.
+above the user level (e.g. `("memories",)`) is refused, so a search never crosses users. Listing is scoped
+the same way: `list_namespaces` needs a `prefix` that names the user (`(*prefix, user_id, ...)`) and lists
+that user's namespaces only; a listing of every user (no prefix, a wildcard in the user's place, or only a
+suffix) is refused, because which users a store holds is itself another user's data.
 
 Labels: any label LangGraph allows (a non-empty str without `.` or NUL) works. A label made only of d2l's
 id characters (letters, digits, `_ : @ + / = -`) is the d2l id as it is; any other (`auth0|abc`, `José`,
@@ -23,6 +26,10 @@ metadata (`metadata["langgraph"] = {"key", "value", "fields", "indexed", "create
 the value as put; `search` with a query ranks by cosine similarity (the best of the item's indexed texts,
 as LangGraph scores), without one lists the scope's memories newest first; `delete` forgets every copy of
 the item. A second `put` of a key absorbs the new value, then forgets the old memory.
+
+Over a `D2LMemory` opened with `keep_text=False` the value is not kept either (it holds the text the store
+drops): such items read back with the empty value `{}`, a filter on their value matches nothing, and the
+item's content lives only in its adapter and embedding.
 """
 
 from __future__ import annotations
@@ -162,7 +169,7 @@ class D2LStore(BaseStore):
     def _value(self, record: MemoryRecord) -> dict[str, Any]:
         meta = self._meta(record)
         if meta is not None:
-            return dict(meta["value"])
+            return dict(meta.get("value") or {})  # no value: the memory keeps no text (keep_text=False)
         value: dict[str, Any] = {"text": record.text, "kind": record.kind}
         return value | ({"metadata": record.metadata} if record.metadata else {})
 
@@ -195,7 +202,9 @@ class D2LStore(BaseStore):
             text = "\n".join(texts)
         else:  # absorb needs text: an unindexed item is absorbed as its value, and never searched by it
             text = "\n".join(self._texts(value, None)) or json.dumps(value, ensure_ascii=False, sort_keys=True)
-        meta = {"key": op.key, "value": value, "fields": fields, "indexed": bool(texts), "created_at": created_at}
+        meta = {"key": op.key, "fields": fields, "indexed": bool(texts), "created_at": created_at}
+        if self.memory.store.keep_text:  # the value holds the text that keep_text=False drops
+            meta["value"] = value
         return text, meta
 
     def _best_scores(self, query: str, records: list[MemoryRecord]) -> dict[str, float]:
@@ -204,7 +213,7 @@ class D2LStore(BaseStore):
         several: dict[str, list[str]] = {}
         for record in records:
             meta = self._meta(record)
-            if meta is not None and meta.get("indexed", True):
+            if meta is not None and meta.get("indexed", True) and "value" in meta:
                 texts = self._texts(meta["value"], meta.get("fields"))
                 if len(texts) > 1:
                     several[record.id] = texts
@@ -251,7 +260,7 @@ class D2LStore(BaseStore):
             mine = next((r for r in later if r.id == new.id), new)  # as stored: compare like with like
             for record in later:
                 if record.id != mine.id and (record.created_at, record.id) < (mine.created_at, mine.id):
-                    self.memory.forget(record.id)
+                    self.memory.forget(record.id, user_id=record.user_id)
 
     def _delete(self, op: PutOp) -> None:
         try:
@@ -259,8 +268,9 @@ class D2LStore(BaseStore):
         except _Unrepresentable:
             return
         with self._locks.hold((op.namespace, op.key)):
-            for record in self._copies(op.namespace, op.key):  # every copy: a deleted key never reads back
-                self.memory.forget(record.id)
+            copies = self._copies(op.namespace, op.key)  # every copy: a deleted key never reads back
+            if copies:
+                self.memory.forget([r.id for r in copies], user_id=copies[0].user_id)
 
     def _search(self, op: SearchOp) -> list[SearchItem]:
         try:
@@ -305,11 +315,31 @@ class D2LStore(BaseStore):
         return [self._item(r, SearchItem, score=score) for score, r in scored]
 
     def _list_namespaces(self, op: ListNamespacesOp) -> list[tuple[str, ...]]:
-        namespaces = {self._labels(*scope) for scope in _scopes(self.memory)}
+        try:
+            user_id = self._listed_user(op.match_conditions or ())
+        except _Unrepresentable:
+            return []
+        namespaces = {self._namespace(record) for record in self.memory.list(user_id)}
         found = [ns for ns in namespaces if all(_matches_path(c, ns) for c in op.match_conditions or ())]
         if op.max_depth is not None:
             found = [ns[: op.max_depth] for ns in found]
         return sorted(set(found))[op.offset : op.offset + op.limit]
+
+    def _listed_user(self, conditions: Sequence[MatchCondition]) -> str:
+        """The d2l user id a listing is scoped to: the user label of a prefix condition that names it.
+
+        Raises:
+            InvalidNamespaceError: no prefix condition names one user (a listing would cross users).
+            _Unrepresentable: a user label too long for a d2l id.
+        """
+        n = len(self.prefix)
+        for condition in conditions:
+            path = tuple(condition.path)
+            if condition.match_type == "prefix" and path[:n] == self.prefix and len(path) > n and path[n] != "*":
+                return _encode_label(path[n])
+        raise InvalidNamespaceError(
+            f"list_namespaces lists one user's namespaces: pass prefix={(*self.prefix, 'user_id')!r} (optionally "
+            "with more labels, a suffix or max_depth); a listing never crosses users")
 
     def batch(self, ops: Iterable[Op]) -> list[Result]:
         """Run the operations in order; each is one call into `D2LMemory`.
@@ -424,16 +454,7 @@ def _locks_for(memory: D2LMemory) -> _KeyLocks:
         return locks
 
 
-# -- reading the store's scopes and LangGraph's filters -------------------------------------------------
-def _scopes(memory: D2LMemory) -> set[tuple[str, str | None, str | None]]:
-    """Every distinct (user_id, agent_id, session_id) in the memory's store.
-
-    `MemoryStore` has no public listing of users yet, so this reads the three scope columns of its table.
-    """
-    table = memory.store._table.search().select(list(SCOPES)).to_arrow()
-    return set(zip(*(table.column(name).to_pylist() for name in SCOPES), strict=True))
-
-
+# -- LangGraph's namespace conditions and filters -------------------------------------------------------
 def _matches_path(condition: MatchCondition, namespace: tuple[str, ...]) -> bool:
     path = tuple(condition.path)
     if len(namespace) < len(path):

@@ -1,5 +1,6 @@
 """`D2LStore`: LangGraph store operations over real memories, namespace isolation, use from an agent."""
 
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -8,6 +9,7 @@ from langchain.tools import ToolRuntime, tool
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_d2l import D2LStore
+from langgraph.store.base import InvalidNamespaceError
 
 ALICE = ("memories", "store-alice")
 BOB = ("memories", "store-bob")
@@ -52,11 +54,28 @@ def test_search_never_crosses_namespaces(store):
     assert [h.key for h in store.search(ALICE, query="color", filter={"tag": {"$ne": "preference"}})] == ["trip"]
 
 
-def test_list_namespaces(store):
-    listed = store.list_namespaces(prefix=("memories",))
-    assert {ALICE, BOB, PLANNER} <= set(listed)
-    assert PLANNER not in store.list_namespaces(prefix=ALICE, max_depth=2)
-    assert store.list_namespaces(suffix=("planner",)) == [PLANNER]
+def test_list_namespaces_lists_one_user_and_never_every_user(store):
+    assert set(store.list_namespaces(prefix=ALICE)) == {ALICE, PLANNER}
+    assert store.list_namespaces(prefix=ALICE, max_depth=2) == [ALICE]
+    assert store.list_namespaces(prefix=ALICE, suffix=("planner",)) == [PLANNER]
+    assert store.list_namespaces(prefix=BOB) == [BOB]
+    # which users the store holds is other users' data: a listing above one user is refused
+    for crossing in ({}, {"prefix": ("memories",)}, {"prefix": ("memories", "*")}, {"suffix": ("planner",)}):
+        with pytest.raises(InvalidNamespaceError, match="never crosses users"):
+            store.list_namespaces(**crossing)
+
+
+def test_keep_text_false_keeps_no_value_either(memory, monkeypatch):
+    monkeypatch.setattr(memory.store, "keep_text", False)  # what D2LMemory(path, keep_text=False) opens
+    store = D2LStore(memory)
+    namespace = ("memories", "store-private")
+    store.put(namespace, "plan", {"text": "The zqxmarker surprise party is on Friday.", "tag": "zqxtag"})
+    (record,) = memory.list("store-private")
+    assert record.text is None and "zqx" not in json.dumps(record.metadata)
+    assert store.get(namespace, "plan").value == {}
+    assert [h.key for h in store.search(namespace, query="When is the surprise party?")] == ["plan"]
+    store.delete(namespace, "plan")
+    assert memory.list("store-private") == []
 
 
 async def test_put_replaces_and_delete_forgets_async(store, memory):
