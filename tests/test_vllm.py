@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from chats import BASE, COLOR, FRANCE, HELLO, SHORT
+from chats import ASK_ORDER, BASE, CALL_ORDER, COLOR, FRANCE, HELLO, ORDER_CALL, SHORT
 
 from d2l_memory.compose import ComposedCache, Recipe
 from d2l_memory.engines.resolver_plugin import D2LResolver, register
@@ -163,6 +163,14 @@ def test_offline_stream_eviction_and_adapters_it_cannot_serve(offline, world: di
         offline.generate(FRANCE, attention, SHORT)
 
 
+@pytest.mark.vllm
+def test_offline_tool_calls_follow_the_embedded_engines_grammar(offline, world: dict) -> None:
+    # vLLM's `auto` structured-output backend hands tool_grammar's Lark to llguidance
+    assert offline.generate(ASK_ORDER, None, CALL_ORDER) == ORDER_CALL
+    streamed = "".join(offline.stream(ASK_ORDER, world["first"], CALL_ORDER))  # an adapter: the grammar holds
+    assert streamed.startswith(ORDER_CALL.split("1234")[0])
+
+
 # -- OpenAI server with the resolver -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(world: dict) -> Iterator:
@@ -210,6 +218,14 @@ def test_server_loads_a_composed_adapter_on_first_use_through_the_resolver(serve
     assert "".join(server.stream(FRANCE, world["first"], SHORT)) == reference["france", "first"]
     assert server.generate_batch([(FRANCE, world["second"]), (HELLO, None)], SHORT) == [
         reference["france", "second"], reference["hello", "base"]]
+
+
+@pytest.mark.vllm
+def test_server_tool_calls_through_vllms_parser_come_back_as_the_embedded_engines_text(server, world: dict) -> None:
+    # --tool-call-parser hermes with d2l's template and --tool-strict-level parameter (ServerConfig's defaults)
+    assert server.generate(ASK_ORDER, None, CALL_ORDER) == ORDER_CALL
+    streamed = "".join(server.stream(ASK_ORDER, world["first"], CALL_ORDER))  # an adapter: the grammar holds
+    assert streamed.startswith(ORDER_CALL.split("1234")[0])
 
 
 @pytest.mark.vllm

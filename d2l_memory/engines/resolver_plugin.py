@@ -4,10 +4,13 @@ When a request names a model the server has not loaded, vLLM (with `VLLM_ALLOW_R
 asks its registered resolvers. This one answers names of `ComposedCache` entries (`d2l-<hex>`):
 
 1. the name must pass `check_name` (`[a-z0-9-]` only: `../x`, `a/b` and the like are refused);
-2. a cached entry is served from its PEFT directory;
-3. an entry whose weights were evicted is composed again from its recipe, reading the member adapters
-   from the memory store (`D2L_MEMORY_STORE_URI`), so server replicas sharing the cache root and the
-   store serve the same names.
+2. with the memory store (`D2L_MEMORY_STORE_URI`), an entry is served only while every one of its
+   members is still stored (one `id IN (...)` query, `ComposedCache.get_or_compose`): an entry whose
+   memory was forgotten is erased and not served, even if the forget's own erase never ran. An entry whose
+   weights were evicted, or whose files no longer match their sha256, is composed again from its recipe,
+   so server replicas sharing the cache root and the store serve the same names;
+3. without the store, an intact cached entry is served from its PEFT directory as it is (`forget` erases
+   entries from the cache, and `sweep` whatever a killed forget left).
 
 Configuration, read in the server process: `D2L_MEMORY_COMPOSED_DIR` (cache root; by default the store's
 own, `compose.cache_root_for`, which `D2LMemory` writes to, else `$D2L_MEMORY_HOME/composed`) and
@@ -30,6 +33,7 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
 from d2l_memory.compose import AdapterSource, Composed, ComposedCache, cache_root_for, check_name
+from d2l_memory.errors import MemoryNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +92,15 @@ class D2LResolver(LoRAResolver):
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(entry.path))
 
     def _entry(self, name: str) -> Composed | None:
-        hit = self.cache.get(name)
-        if hit is not None:
-            return hit
         recipe = self.cache.recipe(name)
         source = self._source or store_from_env()
-        if recipe is None or source is None:
+        if recipe is None or source is None:  # an exported adapter, or no store to check members against
+            return self.cache.get(name)
+        try:
+            return self.cache.get_or_compose(recipe, source)
+        except MemoryNotFoundError as exc:
+            log.warning("refused LoRA %s: %s", name, exc)
             return None
-        return self.cache.get_or_compose(recipe, source)
 
 
 def _same_model(served: str, base_model: str) -> bool:

@@ -3,21 +3,25 @@
 The base model is loaded once. An adapter never changes or reloads it: `functional.lora_applied` adds
 `scale * B (A x)` to the target linears for the duration of one call, a different adapter (or none)
 per batch row, so requests of several users share one batch. Prompts use the model's chat template
-with the generation prompt; batches are left-padded so every row continues from its last prompt token.
+with the generation prompt (`render_chat`: contents as plain text, cut to the model's window less the
+answer's tokens); batches are left-padded so every row continues from its last prompt token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from d2l_memory.engines.base import Adapter, Engine, GenerationParams, Message, cut_at_stop, render_chat
+from d2l_memory.engines.guided import Guide, guide_tokenizer
 from d2l_memory.functional import Factors, applied, lora_applied, module_shapes, stack
 from d2l_memory.lora import LoRA
 from d2l_memory.models import DEFAULT_MODEL, LoadedModel, load_model
+from d2l_memory.tool_calls import tool_grammar
 
 
 class TransformersEngine(Engine):
@@ -38,6 +42,7 @@ class TransformersEngine(Engine):
         self.model_id = self.loaded.model_id
         self.device = torch.device(device)
         self._shapes = module_shapes(self.model)
+        self.window = int(getattr(self.model.config, "max_position_embeddings", 8192))
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self._eos = {int(t) for t in eos} | {self.tokenizer.eos_token_id}
@@ -45,6 +50,7 @@ class TransformersEngine(Engine):
         # The hooks live on the shared model for the length of a call: one call at a time, shared with
         # the hypernetwork's encoder when it reads documents through the same model.
         self._lock = self.loaded.lock
+        self._guide_tokenizer: Any = None
 
     def _lora(self, adapter: Adapter | None) -> LoRA | None:
         if adapter is None:
@@ -67,7 +73,9 @@ class TransformersEngine(Engine):
         if not requests:
             return []
         params = params or GenerationParams()
-        prompts = [render_chat(self.tokenizer, messages) for messages, _ in requests]
+        if self._grammar(params) is not None:  # constrained answers go through the token loop, one at a time
+            return ["".join(self.stream(messages, adapter, params)) for messages, adapter in requests]
+        prompts = [self._prompt(messages, params) for messages, _ in requests]
         loras = [self._lora(adapter) for _, adapter in requests]
         width = max(map(len, prompts))
         ids = torch.tensor([[self._pad] * (width - len(p)) + p for p in prompts], device=self.device)
@@ -87,6 +95,23 @@ class TransformersEngine(Engine):
                                       **sampling)
         return [cut_at_stop(self._decode(row[width:]), params.stop)[0] for row in out.tolist()]
 
+    def _prompt(self, messages: Sequence[Message], params: GenerationParams) -> list[int]:
+        return render_chat(self.tokenizer, messages, max_tokens=max(1, self.window - params.max_new_tokens),
+                           tools=params.stated_tools)
+
+    @staticmethod
+    def _grammar(params: GenerationParams) -> str | None:
+        return tool_grammar(params.tools, params.tool_choice, params.parallel_tool_calls)
+
+    def _guide(self, params: GenerationParams) -> Guide | None:
+        grammar = self._grammar(params)
+        if grammar is None:
+            return None
+        with self._lock:  # built once, on the first constrained answer
+            if self._guide_tokenizer is None:
+                self._guide_tokenizer = guide_tokenizer(self.tokenizer)
+        return Guide(self._guide_tokenizer, grammar)
+
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
@@ -99,15 +124,19 @@ class TransformersEngine(Engine):
 
         Text that might be the start of a stop string, or half of a multi-byte character, is held back
         until the next token decides it.
+
+        With tools, each token is picked among those `tool_calls.tool_grammar` allows (llguidance), and the
+        text the grammar forces is fed in one step; those tokens count towards `max_new_tokens`.
         """
         params = params or GenerationParams()
-        ids = torch.tensor([render_chat(self.tokenizer, messages)], device=self.device)
+        ids = torch.tensor([self._prompt(messages, params)], device=self.device)
         lora = self._lora(adapter)
         # Stacked once per answer (a dtype copy of every factor); only the hooks are set per token.
         factors = stack([lora], self.model.dtype, self.device) if lora is not None else ({}, 1.0)
-        return self._stream(ids, factors, params)
+        return self._stream(ids, factors, params, self._guide(params))
 
-    def _stream(self, ids: torch.Tensor, factors: tuple[Factors, float], params: GenerationParams) -> Iterator[str]:
+    def _stream(self, ids: torch.Tensor, factors: tuple[Factors, float], params: GenerationParams,
+                guide: Guide | None = None) -> Iterator[str]:
         hold = max((len(s) for s in params.stop), default=1) - 1
         rng = torch.Generator(device=self.device)
         if params.seed is not None:
@@ -115,19 +144,21 @@ class TransformersEngine(Engine):
         tokens: list[int] = []
         sent = ""
         out = self._forward(factors, input_ids=ids)
-        for _ in range(params.max_new_tokens):
-            token = self._pick(out.logits[0, -1], params, rng)
+        while len(tokens) < params.max_new_tokens:
+            logits = out.logits[0, -1]
+            token = self._pick(guide.mask(logits) if guide else logits, params, rng)
             if token in self._eos:
                 break
-            tokens.append(token)
+            new = ([token, *guide.advance(token)] if guide else [token])[: params.max_new_tokens - len(tokens)]
+            tokens.extend(new)
             text, stopped = cut_at_stop(self._decode(tokens), params.stop)
-            if stopped:
+            if stopped or (guide and guide.stopped):
                 break
             ready = text[: len(text) - hold] if hold else text
             if len(ready) > len(sent) and not ready.endswith("\ufffd"):
                 yield ready[len(sent):]
                 sent = ready
-            out = self._forward(factors, input_ids=torch.tensor([[token]], device=self.device),
+            out = self._forward(factors, input_ids=torch.tensor([new], device=self.device),
                                 past_key_values=out.past_key_values)
         text = cut_at_stop(self._decode(tokens), params.stop)[0]
         if len(text) > len(sent):

@@ -29,6 +29,7 @@ from d2l_memory.engines.base import Adapter, Engine, GenerationParams, Message, 
 from d2l_memory.errors import AdapterError, EngineError
 from d2l_memory.lora import LoRA
 from d2l_memory.models import DEFAULT_MODEL, resolve
+from d2l_memory.tool_calls import tool_grammar
 
 GIB = 1 << 30
 # vLLM on CPU needs this much besides the KV cache: the model's weights and its API-server and engine-core
@@ -90,9 +91,15 @@ def check_prefix_caching(enabled: bool | None, setting: str) -> None:
 
 
 def sampling_params(params: GenerationParams, **extra: Any) -> Any:
-    """vLLM `SamplingParams` equal to our `GenerationParams` (stop strings are cut from the text)."""
+    """vLLM `SamplingParams` equal to our `GenerationParams` (stop strings are cut from the text). With tools,
+    the answer is constrained by `tool_calls.tool_grammar` (Lark, which vLLM's `auto` backend passes to
+    llguidance, the embedded engine's grammar engine)."""
     from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
 
+    grammar = tool_grammar(params.tools, params.tool_choice, params.parallel_tool_calls)
+    if grammar is not None:
+        extra["structured_outputs"] = StructuredOutputsParams(grammar=grammar)
     return SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
                           top_p=params.top_p, stop=list(params.stop) or None, seed=params.seed, **extra)
 
@@ -190,8 +197,8 @@ class VLLMEngine(Engine):
             self._ids[composed.name] = next(self._next_id)
         return LoRARequest(composed.name, self._ids[composed.name], str(composed.path))
 
-    def _prompt(self, messages: Sequence[Message]) -> dict[str, list[int]]:
-        return {"prompt_token_ids": render_chat(self.tokenizer, messages)}
+    def _prompt(self, messages: Sequence[Message], params: GenerationParams) -> dict[str, list[int]]:
+        return {"prompt_token_ids": render_chat(self.tokenizer, messages, tools=params.stated_tools)}
 
     def generate(self, messages: Sequence[Message], adapter: Adapter | None = None,
                  params: GenerationParams | None = None) -> str:
@@ -202,10 +209,11 @@ class VLLMEngine(Engine):
         """Answer all requests in one `LLM.generate` call; vLLM batches rows with different adapters."""
         if not requests:
             return []
-        prompts = [self._prompt(messages) for messages, _ in requests]
+        params = params or GenerationParams()
+        prompts = [self._prompt(messages, params) for messages, _ in requests]
         loras = [self.lora_request(adapter) for _, adapter in requests]
         with self._lock:
-            outputs = self.llm.generate(prompts, sampling_params(params or GenerationParams()),
+            outputs = self.llm.generate(prompts, sampling_params(params),
                                         lora_request=loras, use_tqdm=False)
         return [out.outputs[0].text for out in outputs]
 
@@ -214,9 +222,10 @@ class VLLMEngine(Engine):
         """Yield text pieces as vLLM's engine steps produce them (delta outputs)."""
         from vllm.sampling_params import RequestOutputKind
 
-        prompt = self._prompt(messages)
+        params = params or GenerationParams()
+        prompt = self._prompt(messages, params)
         lora = self.lora_request(adapter)
-        sampling = sampling_params(params or GenerationParams(), output_kind=RequestOutputKind.DELTA)
+        sampling = sampling_params(params, output_kind=RequestOutputKind.DELTA)
         return self._stream(prompt, lora, sampling)
 
     def _stream(self, prompt: dict[str, list[int]], lora: Any, sampling: Any) -> Iterator[str]:

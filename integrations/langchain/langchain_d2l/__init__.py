@@ -4,6 +4,7 @@
 - `D2LStore`: a LangGraph `BaseStore`; namespaces `("memories", user_id[, agent_id[, session_id]])`.
 - `D2LMemoryMiddleware`: `create_agent` middleware; routes model calls to the user's memories and
   absorbs each turn and its tool outputs.
+- `ToolFirstMiddleware`: `create_agent` middleware for small models; a tool call first, then an answer.
 - `D2LClassicMemory` (legacy, extra `classic`): a `langchain_classic` `BaseMemory` for old chains.
 """
 
@@ -20,13 +21,14 @@ _EXPORTS = {
     "D2LStore": "langchain_d2l.store",
     "D2LMemoryMiddleware": "langchain_d2l.middleware",
     "D2LClassicMemory": "langchain_d2l.legacy",
+    "ToolFirstMiddleware": "langchain_d2l.middleware",
 }
-__all__ = ["ChatD2L", "D2LClassicMemory", "D2LMemoryMiddleware", "D2LStore"]
+__all__ = ["ChatD2L", "D2LClassicMemory", "D2LMemoryMiddleware", "D2LStore", "ToolFirstMiddleware"]
 
 if TYPE_CHECKING:
     from langchain_d2l.chat_models import ChatD2L
     from langchain_d2l.legacy import D2LClassicMemory
-    from langchain_d2l.middleware import D2LMemoryMiddleware
+    from langchain_d2l.middleware import D2LMemoryMiddleware, ToolFirstMiddleware
     from langchain_d2l.store import D2LStore
 
 

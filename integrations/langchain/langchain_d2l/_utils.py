@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from langchain_core.messages import BaseMessage, HumanMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langgraph.config import get_config
+
+from d2l_memory.tool_calls import with_calls
 
 ROLES = {"human": "user", "ai": "assistant", "system": "system", "developer": "system", "tool": "tool"}
 
@@ -26,8 +28,9 @@ def message_text(message: BaseMessage) -> str:
 
 
 def to_chat(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
-    """LangChain messages as the core's `{"role", "content"}` dicts; empty non-human turns (an AI message
-    that only calls tools) are dropped.
+    """LangChain messages as the core's `{"role", "content"}` dicts. An AI message's tool calls follow its
+    text as the `<tool_call>` blocks the model writes (`tool_calls.with_calls`); other empty non-human turns
+    are dropped.
 
     Raises:
         ValueError: a message type without a chat role, or non-text content.
@@ -38,6 +41,8 @@ def to_chat(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
         if role is None:
             raise ValueError(f"ChatD2L cannot send a {m.type!r} message to the model")
         text = message_text(m)
+        if isinstance(m, AIMessage) and m.tool_calls:
+            text = with_calls(text.strip(), [(call["name"], call["args"]) for call in m.tool_calls])
         if text.strip() or role == "user":
             out.append({"role": role, "content": text})
     return out

@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import AliasChoices, Field
 
 from d2l_memory import D2LMemory, Mode
 from d2l_memory.engines import GenerationParams
 from d2l_memory.engines.base import render_chat
+from d2l_memory.tool_calls import check_tool_choice, parse_tool_calls, settled_content
 from langchain_d2l._utils import last_human, to_chat
 
 # Per-call options (`model.invoke(msgs, mode="context")`, `.bind(user_id=...)`): they override the fields.
+# `tools`, `tool_choice` and `parallel_tool_calls` are what `bind_tools` binds.
 CALL_OPTIONS = frozenset({"user_id", "mode", "k", "agent_id", "session_id", "max_tokens", "temperature", "top_p",
-                          "seed", "model"})
+                          "seed", "model", "tools", "tool_choice", "parallel_tool_calls"})
 
 
 class ChatD2L(BaseChatModel):
@@ -44,8 +52,14 @@ class ChatD2L(BaseChatModel):
         llm.invoke("...", user_id="bob")  # per-call options override the fields
         ```
 
-    Not supported: tool calling, structured output, JSON mode and non-text inputs (the base model is a
-    135M-parameter chat model); `bind_tools` raises `NotImplementedError`.
+    Tools: `bind_tools` states the tools in the prompt (`d2l_memory.tool_calls.TOOL_CHAT_TEMPLATE`) and the
+    engine constrains the answer to well-formed calls of them (JSON-schema guided decoding), which come back
+    as `tool_calls`; `with_structured_output` is a forced call of the schema as a tool. The 135M base model
+    does not decide to call a tool by itself (`tool_choice="auto"`): force the call (`"any"` or a tool's
+    name) where one is needed. A call that the token budget cuts short is one of `invalid_tool_calls` (left
+    out of a stream, whose call chunks LangChain would read as partial JSON).
+
+    Not supported: JSON mode and non-text inputs.
     """
 
     memory: D2LMemory = Field(exclude=True, repr=False)
@@ -97,6 +111,32 @@ class ChatD2L(BaseChatModel):
             params["ls_stop"] = ls_stop
         return params
 
+    # -- tools -------------------------------------------------------------------------------------
+    def bind_tools(self, tools: Sequence[Mapping[str, Any] | type | Callable | BaseTool], *,
+                   tool_choice: str | bool | Mapping[str, Any] | None = None,
+                   parallel_tool_calls: bool | None = None, **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+        """This model with `tools` stated in its prompts and its answers constrained to their calls.
+
+        Args:
+            tools: LangChain tools, functions, pydantic models, TypedDicts or OpenAI-format tool dicts.
+            tool_choice: `None`/`"auto"` (the model decides), `"any"`/`"required"`/`True` (a call of one of
+                the tools), a tool's name or `{"type": "function", "function": {"name": ...}}` (a call of
+                that tool), `"none"` (no call).
+            parallel_tool_calls: whether several calls may come in one answer (default: one call; a 135M
+                model allowed more tends to repeat the call).
+            **kwargs: other options bound with them.
+
+        Raises:
+            ValueError: a `tool_choice` that names none of the tools.
+        """
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        if isinstance(tool_choice, Mapping):
+            tool_choice = tool_choice.get("function", {}).get("name") or tool_choice.get("name")
+        choice = {None: "auto", True: "required", False: "none", "any": "required"}.get(tool_choice, tool_choice)
+        check_tool_choice(formatted, choice)
+        return super().bind(tools=formatted, tool_choice=choice, parallel_tool_calls=bool(parallel_tool_calls),
+                            **kwargs)
+
     # -- one request -------------------------------------------------------------------------------
     def _options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         unknown = set(kwargs) - CALL_OPTIONS
@@ -109,6 +149,8 @@ class ChatD2L(BaseChatModel):
         fields = ("user_id", "mode", "k", "agent_id", "session_id", "max_tokens", "temperature", "top_p", "seed")
         options = {name: kwargs.get(name, getattr(self, name)) for name in fields}
         options["stop"] = tuple(stop if stop is not None else self.stop or ())
+        options["tools"] = {"tools": tuple(kwargs.get("tools") or ()), "tool_choice": kwargs.get("tool_choice", "auto"),
+                            "parallel_tool_calls": kwargs.get("parallel_tool_calls", False)}
         return options
 
     def _request(self, messages: list[BaseMessage], options: dict[str, Any]) -> tuple[list[dict[str, str]], Any]:
@@ -126,14 +168,15 @@ class ChatD2L(BaseChatModel):
     @staticmethod
     def _params(options: dict[str, Any]) -> GenerationParams:
         return GenerationParams(max_new_tokens=options["max_tokens"], temperature=options["temperature"],
-                                top_p=options["top_p"], stop=options["stop"], seed=options["seed"])
+                                top_p=options["top_p"], stop=options["stop"], seed=options["seed"],
+                                **options["tools"])
 
     def _metadata(self, chat: list[dict[str, str]], text: str, adapter: Any,
                   options: dict[str, Any]) -> tuple[UsageMetadata, dict[str, Any]]:
         # Counted with the base tokenizer: prompt tokens as every engine renders them; answer tokens by
         # re-tokenizing the answer (equal to the generated count except at rare merge boundaries).
         tokenizer = self.memory.d2l.base.tokenizer
-        n_in = len(render_chat(tokenizer, chat))
+        n_in = len(render_chat(tokenizer, chat, tools=self._params(options).stated_tools))
         n_out = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
         usage = UsageMetadata(input_tokens=n_in, output_tokens=n_out, total_tokens=n_in + n_out)
         return usage, {"model_name": self.model_name, "mode": options["mode"],
@@ -145,21 +188,47 @@ class ChatD2L(BaseChatModel):
         chat, adapter = self._request(messages, options)
         text = self.memory.engine.generate(chat, adapter, self._params(options))
         usage, metadata = self._metadata(chat, text, adapter, options)
-        message = AIMessage(content=text, usage_metadata=usage, response_metadata=metadata)
+        if not options["tools"]["tools"]:
+            return ChatResult(generations=[ChatGeneration(message=AIMessage(
+                content=text, usage_metadata=usage, response_metadata=metadata))])
+        content, calls, invalid = parse_tool_calls(text)
+        message = AIMessage(content=content, usage_metadata=usage, response_metadata=metadata,
+                            tool_calls=[tool_call(name=c["name"], args=c["args"], id=_call_id()) for c in calls],
+                            invalid_tool_calls=[invalid_tool_call(**c, id=_call_id()) for c in invalid])
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         options = self._options(stop, kwargs)
         chat, adapter = self._request(messages, options)
-        pieces = []
+        tools = bool(options["tools"]["tools"])
+        text, sent = "", ""
         for piece in self.memory.engine.stream(chat, adapter, self._params(options)):
-            pieces.append(piece)
-            chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
-            if run_manager:
-                run_manager.on_llm_new_token(piece, chunk=chunk)
-            yield chunk
-        # One closing chunk carries the usage and metadata, so they are counted once when chunks are added.
-        usage, metadata = self._metadata(chat, "".join(pieces), adapter, options)
-        yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=metadata,
-                                                         chunk_position="last"))
+            text += piece
+            # With tools, only text that cannot be part of a call goes out as content while it streams.
+            content = settled_content(text)[len(sent):] if tools else piece
+            if content:
+                sent += content
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=content))
+                if run_manager:
+                    run_manager.on_llm_new_token(content, chunk=chunk)
+                yield chunk
+        # One closing chunk carries the calls, the usage and the metadata, so they are counted once when chunks
+        # are added. Calls cut short are left out: LangChain reads a chunk's arguments as partial JSON, so a
+        # truncated call would come out as a call with whatever arguments it had got to.
+        usage, metadata = self._metadata(chat, text, adapter, options)
+        calls: list[Any] = []
+        if tools:
+            content, valid, _ = parse_tool_calls(text)
+            calls = [tool_call_chunk(name=c["name"], args=json.dumps(c["args"], ensure_ascii=False), id=_call_id(),
+                                     index=i) for i, c in enumerate(valid)]
+        last = ChatGenerationChunk(message=AIMessageChunk(
+            content=content[len(sent):] if tools else "", tool_call_chunks=calls, usage_metadata=usage,
+            response_metadata=metadata, chunk_position="last"))
+        if run_manager:  # stream listeners (LangGraph's "messages" mode) see the calls too
+            run_manager.on_llm_new_token(last.text, chunk=last)
+        yield last
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"

@@ -10,6 +10,9 @@ Two hooks, no memory logic of their own:
   When nothing is relevant the request goes out unchanged.
 - `after_agent` absorbs the finished turn (human and AI text, as `chat` memories) and each successful tool
   output (`kind="tool"`, with the tool's name, call id and arguments in the metadata).
+
+`ToolFirstMiddleware` is the tool policy a small model needs in an agent: it does not decide to call a tool
+by itself, so the first model call of a turn requires one, and the calls after the tools' results answer.
 """
 
 from __future__ import annotations
@@ -153,6 +156,37 @@ class D2LMemoryMiddleware(AgentMiddleware[D2LMemoryState, Any, Any]):
                 self.memory.absorb(output, user_id, "tool", agent_id=self.agent_id,
                                    metadata=meta | {"tool": m.name or call.get("name"), "tool_call_id": m.tool_call_id,
                                                     "args": call.get("args", {})})
+
+
+class ToolFirstMiddleware(AgentMiddleware):
+    """Require a tool call on a turn's first model call, and an answer in text once tools have answered.
+
+    A 135M model left to `tool_choice="auto"` answers in text and never calls a tool; constrained to a call
+    (`ChatD2L`'s guided decoding, or vLLM's tool calling behind `d2l-memory serve`), it writes a well-formed
+    one. So: while the last message is the user's, `tool_choice` is `"any"`; after a tool result it is
+    `"none"`, so the model answers from what the tools returned instead of calling again.
+
+    Example:
+        ```python
+        agent = create_agent(ChatD2L(memory=memory, user_id="erin"), tools=[lookup_order],
+                             middleware=[ToolFirstMiddleware(), D2LMemoryMiddleware(memory)])
+        ```
+    """
+
+    @staticmethod
+    def choose(request: ModelRequest) -> ModelRequest:
+        """The request with its tool choice set (unchanged when the agent has no tools)."""
+        if not request.tools:
+            return request
+        return request.override(tool_choice="any" if isinstance(request.messages[-1], HumanMessage) else "none")
+
+    def wrap_model_call(self, request: ModelRequest,
+                        handler: Callable[[ModelRequest], ModelResponse]) -> ModelResponse:
+        return handler(self.choose(request))
+
+    async def awrap_model_call(self, request: ModelRequest,
+                               handler: Callable[[ModelRequest], Awaitable[ModelResponse]]) -> ModelResponse:
+        return await handler(self.choose(request))
 
 
 def _with_model_name(model: BaseChatModel, name: str) -> BaseChatModel:

@@ -1,7 +1,9 @@
 """`D2LMemoryMiddleware` in real `create_agent` runs.
 
-The tool-calling model is langchain-core's fake (the 135M base model cannot call tools); every memory
-effect runs on the real model, hypernetwork and store.
+Most tests script the tool-calling half with langchain-core's fake model, so they check the middleware's
+routing and absorbing exactly; every memory effect runs on the real model, hypernetwork and store. The last
+runs the whole loop on `ChatD2L` itself, asynchronously and streaming: the real 135M model calls the tool
+(a call forced by `ToolFirstMiddleware`, written under the tool's schema).
 """
 
 from dataclasses import dataclass
@@ -11,8 +13,8 @@ from langchain.agents import create_agent
 from langchain.agents.middleware import AgentMiddleware
 from langchain.tools import tool
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage, HumanMessage
-from langchain_d2l import ChatD2L, D2LMemoryMiddleware
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
+from langchain_d2l import ChatD2L, D2LMemoryMiddleware, ToolFirstMiddleware
 from langgraph.checkpoint.memory import InMemorySaver
 
 
@@ -117,3 +119,22 @@ async def test_each_turn_of_a_thread_is_absorbed_once(memory):
     assert texts == ["User: Hello, I'm Finn.\nAssistant: Hi Finn!",
                      "User: My dog is called Pixel.\nAssistant: Pixel is a lovely name."]
     assert all(r.metadata["thread_id"] == "t1" for r in memory.list("agent-finn"))
+
+
+async def test_chatd2l_calls_the_tool_in_an_async_streamed_loop_and_the_middleware_absorbs_it(memory):
+    llm = ChatD2L(memory=memory, user_id="placeholder", max_tokens=32)
+    agent = create_agent(llm, tools=[lookup_order], context_schema=Context,
+                         middleware=[ToolFirstMiddleware(), D2LMemoryMiddleware(memory, mode="context")])
+    chunks, updates = [], []
+    async for mode, data in agent.astream({"messages": [HumanMessage("Where is my order 1234?")]},
+                                          context=Context("agent-gail"), stream_mode=["messages", "updates"]):
+        (chunks if mode == "messages" else updates).append(data)
+    streamed = [message for message, _ in chunks if isinstance(message, AIMessageChunk)]
+    assert any(c.tool_call_chunks for c in streamed)  # the call arrives in the stream
+    messages = [m for update in updates for node in update.values() if node for m in node.get("messages", [])]
+    call = next(m for m in messages if isinstance(m, AIMessage) and m.tool_calls)
+    assert call.tool_calls[0]["name"] == "lookup_order" and call.tool_calls[0]["args"] == {"order_id": 1234}
+    assert any(isinstance(m, ToolMessage) and "DHL" in m.text for m in messages)
+    assert isinstance(messages[-1], AIMessage) and messages[-1].text and not messages[-1].tool_calls
+    (tool_memory,) = memory.list("agent-gail", kind="tool")  # absorbed by aafter_agent
+    assert tool_memory.metadata["args"] == {"order_id": 1234}
