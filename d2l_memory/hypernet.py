@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,9 @@ from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
 from d2l_memory.encoder import ContextFeatures
+
+if TYPE_CHECKING:
+    from d2l_memory.models import LoadedModel
 
 
 class HypernetConfig(BaseModel):
@@ -78,6 +81,62 @@ class HypernetConfig(BaseModel):
         if self.rank < 1 or self.chunk_tokens < 16:
             raise ValueError("rank must be >= 1 and chunk_tokens >= 16")
         return self
+
+    @classmethod
+    def for_model(cls, loaded: LoadedModel, **fields: Any) -> HypernetConfig:
+        """A config that fits `loaded`: `base_model`, `hidden_size` (the embedding width D), `d_in`/`d_out`
+        (the `target` linear's widths) and `layers` (every block) are read from the model; `fields` set any
+        other field (`target`, `layers`, `rank`, ...), and those that the model determines are checked.
+
+        Works for any decoder-only transformers model whose blocks are `model.layers` (Llama, Qwen, Mistral,
+        Gemma, Phi-3, OLMo...). Training calls it with the fields a config gives explicitly, so a new run on
+        another base model needs only `hypernet.base_model`.
+
+        Raises:
+            ValueError: the model has no `model.layers`; `target` is not a linear module of every target
+                block (the message lists the linears there are); a given width, base model or layer does not
+                fit the model; `fast_weights` with `d_out` other than D (its B rows are token embeddings:
+                target a module that writes the residual stream, e.g. `mlp.down_proj` or `self_attn.o_proj`,
+                or set `fast_weights=false`); a tokenizer without a chat template (training, chunking and
+                serving all read documents and questions as chat turns).
+        """
+        model = loaded.model
+        blocks = getattr(getattr(model, "model", None), "layers", None)
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+            raise ValueError(f"{type(model).__name__} has no decoder blocks at model.layers: d2l-memory adapts "
+                             "decoder-only models laid out as transformers' Llama, Qwen, Mistral and Gemma are")
+        layers = fields.get("layers", list(range(len(blocks))))
+        if any(not 0 <= layer < len(blocks) for layer in layers):
+            raise ValueError(f"hypernet.layers={layers} does not fit {loaded.model_id}, which has blocks "
+                             f"0..{len(blocks) - 1}")
+        target = fields.get("target", cls.model_fields["target"].default)
+        shapes = set()
+        for layer in layers:
+            module = dict(blocks[layer].named_modules()).get(target)
+            if not isinstance(module, nn.Linear):
+                linears = sorted(n for n, m in blocks[layer].named_modules() if isinstance(m, nn.Linear))
+                raise ValueError(f"hypernet.target={target!r} is not a linear module of block {layer} of "
+                                 f"{loaded.model_id}; its linear modules are {linears}")
+            shapes.add((module.in_features, module.out_features))
+        if len(shapes) > 1:
+            raise ValueError(f"{target} has different widths across hypernet.layers ({sorted(shapes)}): "
+                             "choose layers whose target modules are alike")
+        ((d_in, d_out),) = shapes
+        derived = {"base_model": loaded.model_id, "hidden_size": model.get_input_embeddings().embedding_dim,
+                   "d_in": d_in, "d_out": d_out}
+        for key, value in derived.items():
+            if key in fields and fields[key] != value:
+                raise ValueError(f"hypernet.{key}={fields[key]!r} does not fit {loaded.model_id}, whose value is "
+                                 f"{value!r}: leave it out to read it from the model")
+        config = cls(**{**fields, **derived, "layers": layers})
+        if config.fast_weights and config.d_out != config.hidden_size:
+            raise ValueError(f"fast_weights writes token embeddings (width {config.hidden_size}) into B, but "
+                             f"{target} writes {config.d_out}: target a module that writes the residual stream "
+                             "(mlp.down_proj, self_attn.o_proj) or set fast_weights=false")
+        if not getattr(loaded.tokenizer, "chat_template", None):
+            raise ValueError(f"the tokenizer of {loaded.model_id} has no chat template, which d2l-memory reads "
+                             "documents and questions through: add one (tokenizer_config.json 'chat_template')")
+        return config
 
     def hidden_layers(self) -> list[int]:
         """The blocks whose input hidden state the aggregator reads."""

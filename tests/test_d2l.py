@@ -91,6 +91,27 @@ def test_wrong_base_model_is_refused(base):
         DocToLoRA.untrained(SMALL.model_copy(update={"base_model": "gemma-3-270m"}), base)
 
 
+def test_a_hypernetwork_trained_for_one_base_model_is_refused_for_another(base):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from d2l_memory.d2l import shipped_checkpoint
+    from d2l_memory.models import LoadedModel
+
+    # A small Gemma-3 of random weights stands in for gemma-3-270m: only its identity and shape matter here.
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+                                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                               head_dim=32)).eval()
+    other = LoadedModel(model=gemma, tokenizer=base.tokenizer, model_id="gemma-3-270m")
+    with pytest.raises(ValueError, match="trained for 'smollm2-135m-instruct', base model is 'gemma-3-270m'"):
+        DocToLoRA.from_pretrained(shipped_checkpoint("smollm2-135m-instruct"), base=other)
+    for_gemma = HypernetConfig.for_model(other, latent_dim=32, n_heads=2)
+    assert (for_gemma.hidden_size, for_gemma.d_in, for_gemma.d_out, for_gemma.layers) == (64, 128, 64, [0, 1])
+    with pytest.raises(ValueError, match="trained for 'gemma-3-270m', base model is 'smollm2-135m-instruct'"):
+        DocToLoRA.untrained(for_gemma, base)
+    with pytest.raises(ValueError, match="d_in=1536 does not fit gemma-3-270m, whose value is 128"):
+        HypernetConfig.for_model(other, d_in=1536)
+
+
 def test_adapter_applies_and_changes_output(trained_like):
     from d2l_memory.functional import lora_applied
 

@@ -2,6 +2,7 @@
 
     python -m d2l_memory.training.prepare --out runs/data --n 20000 --seed 1            # training shards
     python -m d2l_memory.training.prepare --out runs/eval-data --n 200 --split eval     # held-out shard
+    python -m d2l_memory.training.prepare --model gemma-3-270m --out runs/gemma-data   # another base model
 
 `build_mix` draws each sample from a source with the proportions of a mix (`DEFAULT_MIX`): synthetic
 users' conversations, notes and tool results (`conversations.py`, open-vocabulary values, many
@@ -104,9 +105,12 @@ def main() -> None:
     parser.add_argument("--split", choices=["train", "eval"], default="train")
     parser.add_argument("--control-frac", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the base model whose teacher targets the shards "
+                        "hold (registry name, directory or hub id): train the hypernetwork for that model on them")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    prepare(args.out, args.n, args.shard_size, args.seed, DEFAULT_MIX, args.control_frac, split=args.split)
+    prepare(args.out, args.n, args.shard_size, args.seed, DEFAULT_MIX, args.control_frac, model_name=args.model,
+            split=args.split)
 
 
 if __name__ == "__main__":
