@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from d2l_memory.encoder import ContextFeatures
@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 class HypernetConfig(BaseModel):
     """Shape of a hypernetwork and of the adapters it emits (saved beside the checkpoint)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     base_model: str = "smollm2-135m-instruct"
     hidden_size: int = Field(576, description="base model width D")

@@ -223,3 +223,13 @@ def test_training_composes_memories_exactly_as_serving_does(base):
         trained = d2l.config.scale * (b[0].double() @ a[0].double())
         assert torch.allclose(trained, served.delta(name), atol=1e-5)
         assert torch.allclose(d2l.config.scale * (b[1].double() @ a[1].double()), alone.delta(name), atol=1e-5)
+
+
+def test_overrides_reach_nested_sections_and_unknown_keys_are_refused(tmp_path):
+    from d2l_memory.training.train import load_config
+
+    config = load_config(tmp_path / "train.json", ["hypernet.rank=16", "lr=0.001", "out=runs/x"])
+    assert config.hypernet.rank == 16 and config.lr == 0.001 and str(config.out) == "runs/x"
+    for bad in (["lrr=0.1"], ["hypernet.rnak=16"], ["lr"]):
+        with pytest.raises(ValueError):
+            load_config(tmp_path / "train.json", bad)

@@ -17,7 +17,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 
 def shared_data() -> Path:
@@ -66,6 +66,8 @@ CHAT_OPENERS = ["Hi! ", "Hello. ", "Hey there. ", "", "Quick note about me: ", "
 
 class Sample(BaseModel):
     """One meta-training example: the student sees `question`, the teacher `context` + `question`."""
+
+    model_config = ConfigDict(extra="forbid")
 
     context: str
     question: str

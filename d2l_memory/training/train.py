@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -50,6 +50,8 @@ from d2l_memory.training.teacher import ShardSet, greedy, prompt_ids
 
 class TrainConfig(BaseModel):
     """A training run, saved as `train.json` in its directory (configs are data)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     data: Path = Path("runs/data")
     eval_data: Path = Path("runs/eval-data")
