@@ -43,8 +43,6 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 class GGUFSource(_Pydantic):
     """A model shipped as a GGUF file inside a PyPI package, or split over several (`parts`).
 
-    model_config = ConfigDict(extra="forbid")
-
     `filename` is the file's path inside the package's directory; with `parts` it is the name of the
     joined file, each part naming its own package, module and piece.
     """

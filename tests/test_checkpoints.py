@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_run import TinyRun
 
 from d2l_memory.training.train import STATE_FILE, load_checkpoint, save_checkpoint
-from tests.tiny_run import TinyRun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ KILLED_SAVE = '''
 import os, shutil, signal, sys
 from pathlib import Path
 from d2l_memory.training import train
-from tests.tiny_run import TinyRun
+from tiny_run import TinyRun
 
 directory, kill_at = Path(sys.argv[1]), int(sys.argv[2])
 tiny = TinyRun().at_step(1)
@@ -55,7 +55,7 @@ def _saved_step(directory: Path) -> int:
 
 
 def _killed_at(directory: Path, kill_at: int) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     return subprocess.run([sys.executable, "-c", KILLED_SAVE, str(directory), str(kill_at)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
 

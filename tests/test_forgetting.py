@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_compose import BASE, MODULES, Source, mid, random_lora
 from typer.testing import CliRunner
 
 from d2l_memory.compose import ORPHAN_AGE_S, ComposedCache, Recipe, cache_root_for
@@ -29,7 +30,6 @@ from d2l_memory.engines.vllm_server import (
 )
 from d2l_memory.errors import MemoryNotFoundError
 from d2l_memory.store import MemoryStore
-from tests.test_compose import BASE, MODULES, Source, mid, random_lora
 
 REPO = Path(__file__).resolve().parents[1]
 VECTOR = [1.0] + [0.0] * 383
@@ -251,7 +251,7 @@ def test_a_server_is_registered_while_it_runs(tmp_path) -> None:
 
 
 def test_delete_is_scoped_and_purges_in_one_rewrite(tmp_path) -> None:
-    from tests.test_store import disk_bytes, fingerprint, make_lora, unit
+    from test_store import disk_bytes, fingerprint, make_lora, unit
 
     root = tmp_path / "s"
     with MemoryStore(root) as store:
