@@ -19,9 +19,11 @@ renders them.
 
 A 135M model does not reliably write such blocks by itself, so generation is constrained by a grammar
 (`tool_grammar`): free text until the model opens `<tool_call>`, then the call's JSON, with the name one of the
-tools and the arguments valid against that tool's JSON schema (`tool_choice="auto"`); or a call right away
-(`"required"`, or one tool's name). The embedded engine applies it with llguidance, the offline vLLM engine
-hands it to vLLM's structured outputs; the server uses vLLM's own structural tag for the same format.
+tools and the arguments valid against that tool's JSON schema (`tool_choice="auto"`; SmolLM2-135M never
+opened a call this way in our probes); or a call right away (`"required"`, or one tool's name); or text with
+no call (`"none"`, whose prompt states no tools). The embedded engine applies it with llguidance, the offline
+vLLM engine hands it to vLLM's structured outputs; the server uses vLLM's own structural tag for the same
+format.
 """
 
 from __future__ import annotations

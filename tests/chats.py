@@ -16,3 +16,6 @@ ORDER = {"type": "function", "function": {
 ASK_ORDER = [{"role": "user", "content": "Where is my order 1234?"}]
 ORDER_CALL = '<tool_call>\n{"name": "lookup_order", "arguments": {"order_id": 1234}}\n</tool_call>'
 CALL_ORDER = GenerationParams(max_new_tokens=40, tools=(ORDER,), tool_choice="required", parallel_tool_calls=False)
+# After the call and its result: an answer is due, and `none` must keep the model from writing another call.
+ANSWERED_ORDER = [*ASK_ORDER, {"role": "assistant", "content": ORDER_CALL},
+                  {"role": "tool", "content": '{"order": 1234, "status": "shipped", "carrier": "DHL"}'}]

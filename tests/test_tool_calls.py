@@ -8,7 +8,7 @@ import json
 
 import httpx
 import pytest
-from chats import ASK_ORDER, BASE, CALL_ORDER, COLOR, FRANCE, HELLO, ORDER, ORDER_CALL
+from chats import ANSWERED_ORDER, ASK_ORDER, BASE, CALL_ORDER, COLOR, FRANCE, HELLO, ORDER, ORDER_CALL
 from pydantic import ValidationError
 
 from d2l_memory.compose import ComposedCache
@@ -165,8 +165,8 @@ def test_the_embedded_engine_writes_the_call_the_grammar_allows(engine):
     # Forced text counts towards the budget: a call cut short is no call
     cut = engine.generate(ASK_ORDER, None, required.model_copy(update={"max_new_tokens": 8}))
     assert cut.startswith("<tool_call>") and parse_tool_calls(cut)[1] == []
-    # No call without one asked for: the engine answers in text (the model does not open a call itself)
-    text = engine.generate(ASK_ORDER, None, required.model_copy(update={"tool_choice": "none"}))
+    # `none` after a call: unconstrained, the model may copy the call it sees (it did on the server); not here
+    text = engine.generate(ANSWERED_ORDER, None, required.model_copy(update={"tool_choice": "none"}))
     assert text and "<tool_call>" not in text
 
 

@@ -166,6 +166,12 @@ class ChatD2L(BaseChatModel):
         return chat + to_chat(messages[query + 1 :]), adapter
 
     @staticmethod
+    def _calls_allowed(options: dict[str, Any]) -> bool:
+        # Under `none` an answer is text, even one that copies a call from the chat (vLLM's server does not
+        # constrain `none`; read as a call, it would start the agent's tool loop again).
+        return bool(options["tools"]["tools"]) and options["tools"]["tool_choice"] != "none"
+
+    @staticmethod
     def _params(options: dict[str, Any]) -> GenerationParams:
         return GenerationParams(max_new_tokens=options["max_tokens"], temperature=options["temperature"],
                                 top_p=options["top_p"], stop=options["stop"], seed=options["seed"],
@@ -188,7 +194,7 @@ class ChatD2L(BaseChatModel):
         chat, adapter = self._request(messages, options)
         text = self.memory.engine.generate(chat, adapter, self._params(options))
         usage, metadata = self._metadata(chat, text, adapter, options)
-        if not options["tools"]["tools"]:
+        if not self._calls_allowed(options):
             return ChatResult(generations=[ChatGeneration(message=AIMessage(
                 content=text, usage_metadata=usage, response_metadata=metadata))])
         content, calls, invalid = parse_tool_calls(text)
@@ -201,7 +207,7 @@ class ChatD2L(BaseChatModel):
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         options = self._options(stop, kwargs)
         chat, adapter = self._request(messages, options)
-        tools = bool(options["tools"]["tools"])
+        tools = self._calls_allowed(options)
         text, sent = "", ""
         for piece in self.memory.engine.stream(chat, adapter, self._params(options)):
             text += piece

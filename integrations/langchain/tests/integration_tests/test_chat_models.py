@@ -1,7 +1,9 @@
-"""`ChatD2L` answering from memories on the real model (context mode answers; adapter mode is routed)."""
+"""`ChatD2L` answering from memories on the real model (context mode answers; adapter mode is routed), and
+structured output through its guided tool calls."""
 
 import pytest
 from langchain_d2l import ChatD2L
+from pydantic import BaseModel
 
 FACT = "Alice's favorite color is teal. Alice lives in Lisbon."
 QUESTION = "What is Alice's favorite color?"
@@ -29,3 +31,16 @@ def test_adapter_mode_uses_the_composed_adapter_only_when_relevant(memory, alice
     assert "".join(c.content for c in chunks) == answer.content  # streaming gives the same greedy tokens
     assert chunks[-1].chunk_position == "last" and chunks[-1].usage_metadata["output_tokens"] > 0
     assert llm.invoke("How many legs does a spider have?").response_metadata["adapter"] is None
+
+
+class Order(BaseModel):
+    """The order a customer asks about."""
+
+    order_id: int
+
+
+def test_structured_output_fills_a_schema_from_the_question(memory):
+    llm = ChatD2L(memory=memory, user_id="chat-nobody", mode="none", max_tokens=40)
+    assert llm.with_structured_output(Order).invoke("Where is my order 1234?") == Order(order_id=1234)
+    raw = llm.with_structured_output(Order, include_raw=True).invoke("Where is my order 1234?")["raw"]
+    assert raw.tool_calls[0]["name"] == "Order" and raw.usage_metadata["output_tokens"] < 40
