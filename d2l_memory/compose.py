@@ -45,7 +45,7 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from d2l_memory.errors import MemoryNotFoundError
+from d2l_memory.errors import MemoryNotFoundError, call_all
 from d2l_memory.home import home, sha256_file
 from d2l_memory.lora import LoRA
 
@@ -408,17 +408,7 @@ class ComposedCache:
                                       "no longer stored (forgotten); every adapter composed from them is erased")
 
     def _notify(self, names: list[str]) -> None:
-        if not names:
-            return
-        errors: list[BaseException] = []
-        for callback in self._erase_callbacks:  # every engine hears of it, even if one fails
-            try:
-                callback(list(names))
-            except Exception as exc:
-                log.error("erase callback %r failed: %s", callback, exc)
-                errors.append(exc)
-        if errors:
-            raise errors[0]
+        call_all(self._erase_callbacks, names)
 
     def _lru(self) -> list[Path]:
         stamped = []

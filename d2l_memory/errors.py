@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterable, Sequence
+
+_log = logging.getLogger("d2l_memory")
+
 
 class D2LMemoryError(Exception):
     """Base class of every error d2l-memory raises on purpose."""
@@ -40,3 +45,19 @@ class MemoryNotFoundError(D2LMemoryError, KeyError):
 
 class EngineError(D2LMemoryError, RuntimeError):
     """A generation engine or server failed to start or to answer (the message carries its log or reply)."""
+
+
+def call_all(callbacks: Iterable[Callable[[list[str]], object]], names: Sequence[str]) -> None:
+    """Call every callback with a copy of `names`, even after one fails (each failure is logged), then raise
+    the first failure: forgetting must reach every cache and engine that listens."""
+    if not names:
+        return
+    errors: list[BaseException] = []
+    for callback in callbacks:
+        try:
+            callback(list(names))
+        except Exception as exc:
+            _log.error("erase callback %r failed: %s", callback, exc)
+            errors.append(exc)
+    if errors:
+        raise errors[0]

@@ -43,7 +43,7 @@ from lancedb.index import FTS, BTree, IvfFlat
 from lancedb.query import MatchQuery
 
 from d2l_memory.embedder import EMBEDDING_DIM, Embedder
-from d2l_memory.errors import AdapterError, D2LMemoryError, MemoryNotFoundError, SchemaVersionError
+from d2l_memory.errors import AdapterError, D2LMemoryError, MemoryNotFoundError, SchemaVersionError, call_all
 from d2l_memory.kinds import KINDS, Kind
 from d2l_memory.lora import LoRA
 from d2l_memory.store.schema import (
@@ -684,17 +684,7 @@ class MemoryStore:
         return deleted
 
     def _notify(self, ids: _Ids) -> None:
-        if not ids:
-            return
-        errors: list[BaseException] = []
-        for callback in self._erase_callbacks:  # every cache hears of it, even if one fails
-            try:
-                callback(list(ids))
-            except Exception as exc:
-                log.error("erase callback %r failed: %s", callback, exc)
-                errors.append(exc)
-        if errors:
-            raise errors[0]
+        call_all(self._erase_callbacks, ids)
 
     def _purge(self, fragments: set[int]) -> None:
         """Make deleted rows physically gone: move the survivors out of the files that held them (an
