@@ -32,7 +32,7 @@ from d2l_memory.training.evaluate import QA_SETS
 from d2l_memory.training.plot import plot
 from d2l_memory.training.prepare import build_mix
 from d2l_memory.training.teacher import ShardSet, build_shard
-from d2l_memory.training.train import TrainConfig, batch_factors, train
+from d2l_memory.training.train import TrainConfig, batch_factors, memories_for, train
 from d2l_memory.transcripts import segment_turns, transcript_turns
 
 TINY = {"layers": [10, 12], "latent_dim": 64, "n_heads": 2, "chunk_tokens": 64}
@@ -205,6 +205,17 @@ def test_conversation_memories_are_the_segments_absorb_messages_writes(base):
         assert all(m in sample.memories for m in sample.context.split("\n\n"))
         if d.roles == ("user",):
             assert all(line.startswith("User: ") for m in expected for line in m.splitlines())
+
+
+def test_control_questions_borrow_a_whole_memory_even_from_conversation_examples():
+    # A conversation example keeps its memories, not a context: a control question that borrowed its
+    # empty context crashed a run at step 466.
+    conversation = {"control": False, "context": "", "memories": ["User: I keep bees.", "User: Hi."]}
+    note = {"control": False, "context": "Ada keeps bees.", "memories": None}
+    control = {"control": True, "context": ""}
+    rows = memories_for([control] * 20 + [conversation, note], random.Random(0), [conversation, note])
+    assert all(rows) and all(text.strip() for row in rows for text in row)
+    assert rows[-2:] == [conversation["memories"], [note["context"]]]
 
 
 def test_training_composes_memories_exactly_as_serving_does(base):

@@ -90,6 +90,7 @@ VALUES: dict[str, Callable[[random.Random], str]] = {
     "country": lambda r: _fake(r, latin=False).country(),
     "job": lambda r: _fake(r, latin=False).job().split(",")[0].lower(),
     "company": lambda r: _fake(r).company(),
+    "hotel": lambda r: f"{_fake(r).company()} Hotel",
     "street": lambda r: _fake(r).street_name(),
     "color": lambda r: _fake(r, latin=False).color_name().lower(),
     "food": lambda r: f"{r.choice(INGREDIENTS)} {r.choice(DISHES)}",
@@ -557,7 +558,7 @@ def _order(r: random.Random, s: Split) -> dict[str, str]:
 
 
 def _booking(r: random.Random, s: Split) -> dict[str, str]:
-    return {"hotel": draw_value("company", r, s) + " Hotel", "city": draw_value("city", r, s),
+    return {"hotel": draw_value("hotel", r, s), "city": draw_value("city", r, s),
             "check_in": draw_value("date", r, s), "room": draw_value("room", r, s),
             "confirmation": draw_value("code", r, s)}
 

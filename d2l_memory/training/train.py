@@ -96,9 +96,10 @@ def on_device(examples: list[dict], device: str) -> list[dict]:
 
 def memories_for(examples: list[dict], rng: random.Random, pool: list[dict]) -> list[list[str]]:
     """What each example's student adapter composes: its `memories` (the relevant ones and the same
-    user's distractors), else its context alone; control questions borrow an unrelated document."""
-    return [[rng.choice(pool)["context"]] if ex["control"] else ex.get("memories") or [ex["context"]]
-            for ex in examples]
+    user's distractors), else its context alone; control questions borrow an unrelated example's."""
+    def own(ex: dict) -> list[str]:
+        return ex.get("memories") or [ex["context"]]  # a conversation example's context is empty
+    return [own(rng.choice(pool)) if ex["control"] else own(ex) for ex in examples]
 
 
 def batch_factors(d2l: DocToLoRA, rows: list[list[str]], n_chunks: list[int], min_chunk_tokens: int = 1,
