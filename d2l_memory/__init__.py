@@ -18,12 +18,15 @@ _EXPORTS = {
     "D2LMemory": "d2l_memory.memory",
     "MemoryConfig": "d2l_memory.memory",
     "MemoryRecord": "d2l_memory.memory",
+    "OptimizeReport": "d2l_memory.memory",
     "DocToLoRA": "d2l_memory.d2l",
     "HypernetConfig": "d2l_memory.hypernet",
     "LoRA": "d2l_memory.lora",
     "D2LMemoryError": "d2l_memory.errors",
     "AdapterError": "d2l_memory.errors",
     "ModelNotInstalledError": "d2l_memory.errors",
+    "MemoryNotFoundError": "d2l_memory.errors",
+    "validate_text": "d2l_memory.chunking",
     "render_tool_output": "d2l_memory.transcripts",
     "Kind": "d2l_memory.kinds",
     "KINDS": "d2l_memory.kinds",
@@ -41,19 +44,23 @@ __all__ = [
     "Kind",
     "LoRA",
     "MemoryConfig",
+    "MemoryNotFoundError",
     "MemoryRecord",
     "Mode",
     "ModelNotInstalledError",
+    "OptimizeReport",
     "render_tool_output",
+    "validate_text",
 ]
 
 if TYPE_CHECKING:
+    from d2l_memory.chunking import validate_text
     from d2l_memory.d2l import DocToLoRA
-    from d2l_memory.errors import AdapterError, D2LMemoryError, ModelNotInstalledError
+    from d2l_memory.errors import AdapterError, D2LMemoryError, MemoryNotFoundError, ModelNotInstalledError
     from d2l_memory.hypernet import HypernetConfig
     from d2l_memory.kinds import KINDS, MODES, Kind, Mode
     from d2l_memory.lora import LoRA
-    from d2l_memory.memory import D2LMemory, MemoryConfig, MemoryRecord
+    from d2l_memory.memory import D2LMemory, MemoryConfig, MemoryRecord, OptimizeReport
     from d2l_memory.transcripts import render_tool_output
 
 

@@ -5,10 +5,11 @@ stdout with `--json` for scripts (records as `MemoryRecord.model_dump(mode="json
 Spinners and errors go to stderr, so stdout stays clean. User errors (the library's ValueError, TypeError
 and D2LMemoryError, and unreadable input files) print one red line and exit with code 2, like typer's own
 usage errors; `D2L_MEMORY_DEBUG=1` shows the traceback instead. Heavy modules (torch, transformers,
-LanceDB, vLLM) are imported inside the commands, so `d2l-memory --help` stays instant, and `list`, `recall`,
-`forget` and `optimize` open only the store (`open_store`), never the model. The chat REPL's
-pieces (`open_memory`, `input_lines`, `stream_answer`, `print_records`, `print_error`) are public so that
-other terminal faces (the chatbot example) reuse them instead of copying them.
+LanceDB, vLLM) are imported inside the commands, so `d2l-memory --help` stays instant. The memory commands
+go through `D2LMemory` alone, which loads its model on first use: `list`, `recall`, `forget` and `optimize`
+never load it. The chat REPL's pieces (`open_memory`, `input_lines`, `stream_answer`, `print_records`,
+`print_error`) are public so that other terminal faces (the chatbot example) reuse them instead of copying
+them.
 """
 
 from __future__ import annotations
@@ -33,12 +34,10 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from d2l_memory.kinds import Kind, Mode
+from d2l_memory import Kind, Mode
 
 if TYPE_CHECKING:
-    from d2l_memory.compose import ComposedCache
-    from d2l_memory.memory import D2LMemory, MemoryRecord
-    from d2l_memory.store.store import MemoryStore
+    from d2l_memory import D2LMemory, MemoryRecord
 
 app = typer.Typer(help="Long-term memory for LLM agents, stored in LoRA adapters.", no_args_is_help=True)
 out = Console(highlight=False)
@@ -53,6 +52,8 @@ BENCHMARKS = {
     "gate": "d2l_memory.benchmarks.gate",
     "composition": "d2l_memory.benchmarks.composition",
     "store": "d2l_memory.benchmarks.store",
+    "recall": "d2l_memory.benchmarks.recall",
+    "object-store": "d2l_memory.benchmarks.object_store",
     "train-throughput": "d2l_memory.benchmarks.train_throughput",
 }
 EngineName = Literal["transformers", "vllm"]
@@ -60,7 +61,9 @@ HISTORY_MESSAGES = 6  # earlier chat turns (user + assistant messages) sent alon
 EXIT_WORDS = ("/exit", "/quit", "exit", "quit")
 
 StoreOpt = Annotated[str, typer.Option(
-    "--store", envvar="D2L_MEMORY_STORE", help="memory store: a directory (created if missing) or a LanceDB URI")]
+    "--store", envvar="D2L_MEMORY_STORE", help="memory store: a directory (created if missing) or a LanceDB URI "
+    "(s3://bucket/prefix: endpoint and credentials from LanceDB's environment variables, AWS_ENDPOINT, "
+    "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP)")]
 UserOpt = Annotated[str, typer.Option("--user", "-u", help="whose memories (e.g. alice)")]
 AgentOpt = Annotated[str | None, typer.Option("--agent", help="narrow to one agent's memories")]
 SessionOpt = Annotated[str | None, typer.Option("--session", help="narrow to one session's memories")]
@@ -86,7 +89,7 @@ def _user_errors() -> Iterator[None]:
     """Turn the library's user errors into one red line and exit code 2 (no traceback)."""
     from pydantic import ValidationError
 
-    from d2l_memory.errors import D2LMemoryError
+    from d2l_memory import D2LMemoryError
 
     try:
         yield
@@ -99,9 +102,16 @@ def _user_errors() -> Iterator[None]:
 
 
 @contextmanager
-def open_memory(store: str, engine: EngineName = "transformers", url: str | None = None) -> Iterator[D2LMemory]:
-    """A `D2LMemory` on `store`, opened under a spinner and closed on the way out."""
-    with err.status("Loading the model…"):
+def open_memory(store: str, engine: EngineName = "transformers", url: str | None = None, *,
+                load: bool = True) -> Iterator[D2LMemory]:
+    """A `D2LMemory` on `store`, opened under a spinner and closed on the way out.
+
+    Args:
+        url: a running `d2l-memory serve` to answer with, instead of `engine`.
+        load: load the model now, under the spinner. Without, it loads on first use, so a command that only
+            reads or erases the store (`list`, `recall`, `forget`, `optimize`) never loads it.
+    """
+    with err.status("Opening the store…"):
         from transformers.utils import logging as hf_logging
 
         from d2l_memory import D2LMemory
@@ -114,28 +124,12 @@ def open_memory(store: str, engine: EngineName = "transformers", url: str | None
         else:
             mem = D2LMemory(store, engine=engine)
     try:
+        if load:
+            with err.status("Loading the model…"):
+                mem.load()
         yield mem
     finally:
         mem.close()
-
-
-@contextmanager
-def open_store(store: str) -> Iterator[tuple[MemoryStore, ComposedCache]]:
-    """The memory store alone, without the model, and its composed cache: what `list`, `recall`, `forget`
-    and `optimize` need. Forgetting through it erases the composed adapters that held the memory and unloads
-    them from every server serving this store (`d2l-memory serve --store`), as `D2LMemory.forget` does."""
-    from d2l_memory.compose import ComposedCache, cache_root_for
-    from d2l_memory.engines.vllm_server import evict_from_servers
-    from d2l_memory.store.store import MemoryStore
-
-    memories = MemoryStore(store)
-    cache = ComposedCache(cache_root_for(store))
-    memories.on_erase(cache.erase)
-    cache.on_erase(lambda names: evict_from_servers(cache, names))
-    try:
-        yield memories, cache
-    finally:
-        memories.close()
 
 
 def _echo_json(value: Any, indent: int | None = 2) -> None:
@@ -289,7 +283,7 @@ def absorb(
 ) -> None:
     """Internalize a document, chat transcript or tool output into a memory adapter."""
     with _user_errors():
-        from d2l_memory.chunking import validate_text
+        from d2l_memory import validate_text
 
         source = "stdin" if file == "-" else file
         text = validate_text(_read_input(file), source)  # an empty file fails before the model loads
@@ -322,13 +316,8 @@ def recall(
     json_: JsonOpt = False,
 ) -> None:
     """Show the user's memories most similar to QUERY, best first (no relevance gating)."""
-    from d2l_memory.chunking import validate_text
-    from d2l_memory.memory import MemoryConfig, MemoryRecord
-
-    with _user_errors(), open_store(store) as (memories, _):
-        found = memories.search(validate_text(query, "query"), user, k=k or MemoryConfig().k, kind=kind,
-                                **_scope(agent, session))
-        hits = [MemoryRecord.from_stored(m) for m in found]
+    with _user_errors(), open_memory(store, load=False) as mem:
+        hits = mem.recall(query, user, k, kind=kind, **_scope(agent, session))
     if json_:
         _echo_json(_records_json(hits))
     elif not hits:
@@ -347,10 +336,8 @@ def list_memories(
     json_: JsonOpt = False,
 ) -> None:
     """List all of a user's memories, newest first."""
-    from d2l_memory.memory import MemoryRecord
-
-    with _user_errors(), open_store(store) as (memories, _):
-        records = [MemoryRecord.from_stored(m) for m in memories.list(user, kind=kind, **_scope(agent, session))]
+    with _user_errors(), open_memory(store, load=False) as mem:
+        records = mem.list(user, kind=kind, **_scope(agent, session))
     if json_:
         _echo_json(_records_json(records))
     elif not records:
@@ -373,16 +360,15 @@ def forget(
     that serve this store."""
     if user is None:
         _fail("pass --user: forget erases that user's memories (all of them, or the one given by --id)")
-    with _user_errors(), open_store(store) as (memories, _):
-        found = None if id_ is None else memories.get(id_)
-        count = memories.count(user) if id_ is None else int(found is not None and found.user_id == user)
+    with _user_errors(), open_memory(store, load=False) as mem:
+        count = mem.count(user) if id_ is None else int(mem.get(id_, user_id=user) is not None)
         if not yes and count:
             what = f"memory {id_} of {user}" if id_ is not None else \
                 f"the one memory of {user}" if count == 1 else f"all {count} memories of {user}"
             if not typer.confirm(f"Forget {what}? This cannot be undone", err=True):
                 err.print("Nothing forgotten.")
                 raise typer.Exit(1)
-        n = memories.delete_user(user) if id_ is None else memories.delete(id_, user_id=user, purge=True)
+        n = mem.forget(id_, user_id=user)
     if json_:
         _echo_json({"forgotten": n})
     else:
@@ -407,23 +393,19 @@ def optimize(
     from datetime import timedelta
 
     with _user_errors():
-        from d2l_memory.store.schema import MEMORIES_TABLE
+        from d2l_memory import D2LMemory
 
-        if "://" not in store and not (Path(store) / f"{MEMORIES_TABLE}.lance").is_dir():
+        if not D2LMemory.store_exists(store):
             raise UserError(f"no memory store at {store}")
-
-        with err.status("Optimizing the store…"), open_store(store) as (memories, cache):
-            before, start = memories.version_count(), time.perf_counter()
-            memories.optimize(older_than=timedelta(minutes=keep_minutes))
-            swept = cache.sweep(memories)
-            report = {"memories": memories.count(), "versions_before": before,
-                      "versions_after": memories.version_count(), "composed_swept": len(swept),
-                      "seconds": round(time.perf_counter() - start, 2)}
+        with open_memory(store, load=False) as mem, err.status("Optimizing the store…"):
+            start = time.perf_counter()
+            done = mem.optimize(older_than=timedelta(minutes=keep_minutes))
+            report = {**done.model_dump(), "seconds": round(time.perf_counter() - start, 2)}
     if json_:
         _echo_json(report)
     else:
-        out.print(f"Optimized {report['memories']} memories in {report['seconds']} s: table versions "
-                  f"{report['versions_before']} -> {report['versions_after']}, {len(swept)} stale composed "
+        out.print(f"Optimized {done.memories} memories in {report['seconds']} s: table versions "
+                  f"{done.versions_before} -> {done.versions_after}, {done.composed_swept} stale composed "
                   "adapters swept.")
 
 

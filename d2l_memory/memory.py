@@ -2,6 +2,10 @@
 
     absorb: text -> validate -> DocToLoRA (chunk, encode, hypernetwork) -> LoRA -> MemoryStore (one commit)
     chat:   query -> MemoryStore.search (scoped) -> relevance gate -> compose -> Engine -> text
+
+It is also the one door of everything built on the library (the CLI, the LangChain integration, the
+examples): what they need of the store, the engine or the tokenizer is a method here, so none of them
+reaches into `store`, `engine`, `d2l` or `cache`.
 """
 
 from __future__ import annotations
@@ -9,24 +13,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from d2l_memory.chunking import plain_ids, validate_text
-from d2l_memory.compose import ComposedCache, Recipe, cache_root_for, member_weight
+from d2l_memory.compose import Composed, ComposedCache, Recipe, cache_root_for, member_weight
 from d2l_memory.d2l import DocToLoRA
-from d2l_memory.engines import Engine, GenerationParams, make_engine
+from d2l_memory.engines import Adapter, Engine, EngineKind, GenerationParams, Message, make_engine
+from d2l_memory.engines.base import render_chat
 from d2l_memory.engines.vllm_server import evict_from_servers
-from d2l_memory.errors import MemoryNotFoundError
+from d2l_memory.errors import D2LMemoryError, MemoryNotFoundError
 from d2l_memory.kinds import KINDS, MODES, Kind
 from d2l_memory.models import DEFAULT_MODEL, load_model
 from d2l_memory.prompts import QA_TEMPLATE
 from d2l_memory.store import MemoryInput, MemoryStore, StoredMemory
+from d2l_memory.store.schema import MEMORIES_TABLE
 from d2l_memory.transcripts import render_tool_output, segment_turns, transcript_turns
 
 log = logging.getLogger(__name__)
@@ -47,8 +55,9 @@ class MemoryConfig(BaseModel):
     base_model: str = DEFAULT_MODEL
     hypernet: str | None = Field(None, description="hypernetwork checkpoint dir; None = the shipped one")
     keep_text: bool = Field(True, description="store source text (needed for context/hybrid modes)")
-    relevance_threshold: float = Field(0.2, ge=-1.0, le=1.0,
-                                       description="memories less similar than this to the query are not used")
+    relevance_threshold: float = Field(0.35, ge=-1.0, le=1.0,
+                                       description="memories whose best-matching part is less similar (MiniLM "
+                                       "cosine) than this to the query are not used")
     k: int = Field(4, ge=1, description="memories recalled per chat turn")
     max_k: int = Field(16, ge=1, description="largest k a chat turn may ask for (each recalled memory's adapter "
                        "is read and composed)")
@@ -67,6 +76,12 @@ class MemoryConfig(BaseModel):
     max_answer_tokens: int = Field(1024, ge=1, description="largest max_new_tokens chat and stream accept")
     max_context_tokens: int = Field(6000, ge=64, description="text budget of the prompt in context/hybrid modes")
     composed_cache_bytes: int = Field(2 * 2**30, ge=0)
+    storage_options: dict[str, SecretStr] = Field(
+        default_factory=dict, repr=False,
+        description="object-store settings for an `s3://`, `gs://` or `az://` store, as LanceDB names them, e.g. "
+        "`{\"endpoint\": \"http://127.0.0.1:8333\", \"region\": \"us-east-1\", \"allow_http\": \"true\", "
+        "\"aws_access_key_id\": ..., \"aws_secret_access_key\": ...}`; without them LanceDB reads the environment "
+        "(`AWS_ENDPOINT`, `AWS_ACCESS_KEY_ID`, ...). Values are strings, kept as secrets: never in repr or JSON")
 
     @model_validator(mode="after")
     def _k_within_cap(self) -> MemoryConfig:
@@ -98,48 +113,117 @@ class MemoryRecord(BaseModel):
         return cls(**stored.model_dump(include=set(cls.model_fields)))
 
 
+class OptimizeReport(BaseModel):
+    """What `D2LMemory.optimize` did to the store and its composed-adapter cache."""
+
+    model_config = ConfigDict(frozen=True)
+
+    memories: int = Field(description="memories in the store, of every user")
+    versions_before: int = Field(description="table versions kept before")
+    versions_after: int = Field(description="table versions kept after")
+    composed_swept: int = Field(description="stale composed adapters removed since the memory was opened (opening "
+                                "sweeps too) or last optimized")
+
+
 class D2LMemory:
     """Long-term memory whose contents live in LoRA adapters.
 
+    Opening is cheap: the store and its composed-adapter cache open at once (and the cache is swept of what
+    a killed forget left), while the base model, the hypernetwork and the engine load on the first call
+    that needs them, or on `load()`. Calls that only read or erase the store (`list`, `get`, `count`,
+    `recall`, `relevant`, `embed`, `forget`, `optimize`) never load them.
+
     Args:
         path: the LanceDB store: a directory (created if missing), `s3://bucket/prefix` or `db://...`.
+            Object storage is reached with `config.storage_options` (endpoint, credentials) or LanceDB's
+            environment variables; the composed-adapter cache stays local whatever the store
+            (`compose.cache_root_for`: a directory under `$D2L_MEMORY_HOME/composed` named by the URI).
         engine: `"transformers"` (embedded, default), `"vllm"` (offline vLLM in this process),
             `"vllm-server"`, or an `Engine` instance.
         config: settings; keyword arguments override single fields (`D2LMemory(p, k=8)`). The merged
-            settings are validated before anything loads, and `self.config` is the validated result.
+            settings are validated before anything opens, and `self.config` is the validated result.
 
     Raises:
         ValueError: an unknown engine name, or (pydantic's `ValidationError`) an unknown setting or a bad
             value, e.g. `keep_txt=False` or `k="many"` (`k="4"` is taken as 4).
     """
 
-    def __init__(self, path: str | Path, engine: str | Engine = "transformers",
+    def __init__(self, path: str | Path, engine: EngineKind | Engine = "transformers",
                  config: MemoryConfig | None = None, **overrides: Any) -> None:
         self.config = MemoryConfig.model_validate({**(config or MemoryConfig()).model_dump(), **overrides})
-        base = load_model(self.config.base_model)
-        self.d2l = DocToLoRA.from_pretrained(self.config.hypernet, base=base)
-        self.store = MemoryStore(path, keep_text=self.config.keep_text)
-        self.cache = ComposedCache(cache_root_for(path), max_bytes=self.config.composed_cache_bytes)
-        if isinstance(engine, Engine):
-            self.engine = engine
-        elif engine == "transformers":
-            self.engine = make_engine("transformers", self.config.base_model, loaded=base)
-        elif engine in ("vllm", "vllm-server"):
-            # vLLM serves from the same composed cache; wrapping only the hypernetwork's targets keeps
-            # multi-adapter throughput up (all linears wrapped measured 0.32x of base at 16 users).
-            target = self.d2l.config.target.rsplit(".", 1)[-1]
-            self.engine = make_engine(engine, self.config.base_model, cache=self.cache,  # type: ignore[arg-type]
-                                      lora_target_modules=(target,))
-        else:
+        if not isinstance(engine, Engine) and engine not in get_args(EngineKind):
             raise ValueError(f"unknown engine {engine!r}; expected 'transformers', 'vllm' or 'vllm-server'")
+        self._engine_kind = engine
+        self._engine: Engine | None = engine if isinstance(engine, Engine) else None
+        self._d2l: DocToLoRA | None = None
+        self._closed = False
+        # Loading takes seconds and a model's worth of memory: one thread loads, the others wait for it.
+        self._loading = threading.Lock()
+        storage = {key: value.get_secret_value() for key, value in self.config.storage_options.items()}
+        self.store = MemoryStore(path, keep_text=self.config.keep_text,
+                                 connect_options={"storage_options": storage} if storage else None)
+        self.cache = ComposedCache(cache_root_for(path), max_bytes=self.config.composed_cache_bytes)
         # Forgetting reaches every composed adapter that contains the memory, the engine's copy, and every
-        # server that serves from this store's cache; the sweep catches what a killed forget left behind.
+        # server that serves from this store's cache (two callbacks: a failed engine unload still unloads
+        # from the servers); the sweep catches what a killed forget left behind.
         self.store.on_erase(self.cache.erase)
-        self.cache.on_erase(self._unload)
-        self.cache.sweep(self.store)
+        self.cache.on_erase(self._evict_from_engine)
+        self.cache.on_erase(self._evict_from_servers)
+        self._swept = len(self.cache.sweep(self.store))
 
-    def _unload(self, names: list[str]) -> None:
-        self.engine.evict(names)
+    # -- what loads on first use ---------------------------------------------------------------
+    @property
+    def d2l(self) -> DocToLoRA:
+        """The base model and the hypernetwork, loaded on first use."""
+        return self._d2l if self._d2l is not None else self._load_d2l()
+
+    @property
+    def engine(self) -> Engine:
+        """The engine that generates answers, built on first use."""
+        return self._engine if self._engine is not None else self._load_engine()
+
+    def load(self) -> None:
+        """Load the base model, the hypernetwork and the engine now instead of on first use (e.g. before a
+        server takes requests, so that the first one does not wait seconds for them).
+
+        Raises:
+            D2LMemoryError: the memory is closed.
+        """
+        self._load_engine()
+
+    def _load_d2l(self) -> DocToLoRA:
+        with self._loading:
+            if self._d2l is None:
+                self._check_open()
+                self._d2l = DocToLoRA.from_pretrained(self.config.hypernet, base=load_model(self.config.base_model))
+            return self._d2l
+
+    def _load_engine(self) -> Engine:
+        d2l = self.d2l  # every engine built here shares the base model or reads the hypernetwork's targets
+        with self._loading:
+            if self._engine is None:
+                self._check_open()
+                self._engine = self._build_engine(d2l)
+            return self._engine
+
+    def _build_engine(self, d2l: DocToLoRA) -> Engine:
+        if self._engine_kind == "transformers":
+            return make_engine("transformers", self.config.base_model, loaded=d2l.base)
+        # vLLM serves from the same composed cache; wrapping only the hypernetwork's targets keeps
+        # multi-adapter throughput up (all linears wrapped measured 0.32x of base at 16 users).
+        target = d2l.config.target.rsplit(".", 1)[-1]
+        return make_engine(self._engine_kind, self.config.base_model, cache=self.cache,  # type: ignore[arg-type]
+                           lora_target_modules=(target,))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise D2LMemoryError("this D2LMemory is closed: open a new one")
+
+    def _evict_from_engine(self, names: list[str]) -> None:
+        if self._engine is not None:  # an engine never built has no adapter loaded
+            self._engine.evict(names)
+
+    def _evict_from_servers(self, names: list[str]) -> None:
         evict_from_servers(self.cache, names)
 
     # -- writing -------------------------------------------------------------------------------
@@ -216,10 +300,6 @@ class D2LMemory:
             for text, lora, n_tokens in zip(checked, loras, counts, strict=True)])
         return [MemoryRecord.from_stored(m) for m in stored]
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens of `text` in the base model's tokenizer, as plain text (special-token strings included)."""
-        return len(plain_ids(self.d2l.base.tokenizer, text))
-
     def forget(self, memory_id: str | Collection[str] | None = None, *, user_id: str | None = None) -> int:
         """Forget memories of `user_id`: one (`memory_id`), several (a list of ids), or all of them (no id).
 
@@ -228,7 +308,7 @@ class D2LMemory:
         is erased and unloaded from the engine and from every server serving this store's cache.
         An id that is not the user's counts as not found: no caller can forget, or learn of, another
         user's memory. A caller without a user id (an operator tool) uses `store.delete(memory_id,
-        purge=True)`.
+        purge=True)`. Loads no model: an engine never built has no adapter to unload.
 
         Returns:
             the number of memories removed (0 for ids already gone or not the user's).
@@ -247,7 +327,9 @@ class D2LMemory:
     # -- reading -------------------------------------------------------------------------------
     def recall(self, query: str, user_id: str, k: int | None = None, *, agent_id: str | None = None,
                session_id: str | None = None, kind: str | None = None) -> list[MemoryRecord]:
-        """The user's memories most similar to `query`, best first (no gating).
+        """The user's memories most similar to `query`, best first (no gating): each scored by its best-matching
+        part (whole text or sentence), ranked with full-text search fused in when the store keeps text
+        (`MemoryStore.search`).
 
         Raises:
             TypeError / ValueError: an invalid query, id, kind or k.
@@ -257,7 +339,7 @@ class D2LMemory:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         hits = self.store.search(query, user_id, k=k, agent_id=agent_id, session_id=session_id,
-                                 kind=kind)  # type: ignore[arg-type]
+                                 kind=kind, hybrid=self.store.keep_text)  # type: ignore[arg-type]
         return [MemoryRecord.from_stored(h) for h in hits]
 
     def relevant(self, query: str, user_id: str, k: int | None = None, **scope: Any) -> list[MemoryRecord]:
@@ -265,9 +347,43 @@ class D2LMemory:
         return [h for h in self.recall(query, user_id, k, **scope)
                 if h.score is not None and h.score >= self.config.relevance_threshold]
 
+    def get(self, memory_id: str, *, user_id: str) -> MemoryRecord | None:
+        """The user's memory with this id; None when there is none or it is another user's (a caller
+        cannot tell the two apart, so an id never reveals another user's memory).
+
+        Raises:
+            ValueError: an invalid memory or user id.
+        """
+        self.store.validate_scope(user_id=user_id)
+        found = self.store.get(memory_id)
+        return MemoryRecord.from_stored(found) if found is not None and found.user_id == user_id else None
+
+    def count(self, user_id: str) -> int:
+        """How many memories `user_id` has.
+
+        Raises:
+            ValueError: an invalid user id.
+        """
+        return self.store.count(user_id)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings of `texts` as recall computes them: float32 `[len(texts), 384]`, unit-norm rows, so a
+        dot product is the cosine similarity that `recall` scores by.
+
+        Raises:
+            TypeError: one string instead of a sequence of them.
+        """
+        return self.store.embedder.embed(texts)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` in the base model's tokenizer, as plain text (special-token strings included)."""
+        return len(plain_ids(self.d2l.base.tokenizer, text))
+
     def prepare(self, message: str, user_id: str, mode: str = "adapter", k: int | None = None,
-                history: Sequence[Mapping[str, str]] = (), **scope: Any) -> tuple[list[dict[str, str]], Any]:
-        """The engine request one chat turn becomes: `(messages, adapter or None)`.
+                history: Sequence[Mapping[str, str]] = (),
+                **scope: Any) -> tuple[list[dict[str, str]], Composed | None]:
+        """The engine request one chat turn becomes: `(messages, adapter or None)`, for `generate` or
+        `generate_stream` (or another model: the adapter's serving name is `adapter_name(adapter)`).
 
         Raises:
             ValueError: an unknown mode, a `k` above `config.max_k`, or what `recall` raises.
@@ -316,15 +432,9 @@ class D2LMemory:
         Raises:
             ValueError: what `prepare` raises, or `max_new_tokens` above `config.max_answer_tokens`.
         """
-        params = self._params(max_new_tokens)
+        params = self._capped(GenerationParams(max_new_tokens=max_new_tokens))
         messages, adapter = self.prepare(message, user_id, mode, k, history, **scope)
         return self.engine.generate(messages, adapter, params)
-
-    def _params(self, max_new_tokens: int) -> GenerationParams:
-        if isinstance(max_new_tokens, int) and max_new_tokens > self.config.max_answer_tokens:
-            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds max_answer_tokens="
-                             f"{self.config.max_answer_tokens}")
-        return GenerationParams(max_new_tokens=max_new_tokens)
 
     def stream(self, message: str, user_id: str, mode: str = "adapter", max_new_tokens: int = 64, *,
                k: int | None = None, history: Sequence[Mapping[str, str]] = (), **scope: Any) -> Iterator[str]:
@@ -334,13 +444,107 @@ class D2LMemory:
         the embedded engine locks the model for one token at a time. Close it (or exhaust it) when the
         reader leaves; with vLLM an open stream holds that engine until then.
         """
-        params = self._params(max_new_tokens)
+        params = self._capped(GenerationParams(max_new_tokens=max_new_tokens))
         messages, adapter = self.prepare(message, user_id, mode, k, history, **scope)
         yield from self.engine.stream(messages, adapter, params)
 
     def list(self, user_id: str, **scope: Any) -> list[MemoryRecord]:
         """All of a user's memories (optionally narrowed by agent_id, session_id, kind)."""
         return [MemoryRecord.from_stored(m) for m in self.store.list(user_id, **scope)]
+
+    # -- a prepared request (`prepare`'s, or one of a chat model built on this memory) ------------
+    def generate(self, messages: Sequence[Message], adapter: Adapter | None = None,
+                 params: GenerationParams | None = None) -> str:
+        """The engine's answer to `messages` with `adapter` applied (None: the base model), decoded as
+        `params` says (None: greedy, 64 tokens).
+
+        Raises:
+            ValueError: `params.max_new_tokens` above `config.max_answer_tokens`, or what the engine
+                raises for the messages (an unknown role, an empty chat).
+        """
+        return self.engine.generate(messages, adapter, self._capped(params))
+
+    def generate_stream(self, messages: Sequence[Message], adapter: Adapter | None = None,
+                        params: GenerationParams | None = None) -> Iterator[str]:
+        """`generate`, as text pieces while they are produced (close the iterator when the reader leaves).
+
+        Raises:
+            ValueError: what `generate` raises; the cap is checked at the call, before any piece.
+        """
+        return self.engine.stream(messages, adapter, self._capped(params))
+
+    def _capped(self, params: GenerationParams | None) -> GenerationParams:
+        params = params or GenerationParams()
+        if params.max_new_tokens > self.config.max_answer_tokens:
+            raise ValueError(f"max_new_tokens={params.max_new_tokens} exceeds max_answer_tokens="
+                             f"{self.config.max_answer_tokens}")
+        return params
+
+    def count_prompt_tokens(self, messages: Sequence[Message], params: GenerationParams | None = None) -> int:
+        """Tokens of the prompt every engine renders for `messages`: the chat template, and the tools that
+        `params` states (`engines.base.render_chat`; the prompt is not cut to the model's window).
+
+        Raises:
+            TypeError / ValueError: messages that are not a non-empty chat of known roles.
+        """
+        tools = params.stated_tools if params is not None else ()
+        return len(render_chat(self.d2l.base.tokenizer, messages, tools=tools))
+
+    def adapter_name(self, adapter: Adapter | None) -> str:
+        """The model name a request with `adapter` goes to on an OpenAI-compatible server that serves this
+        store's composed cache (`d2l-memory serve --store`): the base model's id for None.
+
+        Raises:
+            TypeError: a bare `LoRA` for an engine that keeps no cache to write it to.
+        """
+        return self.engine.adapter_name(adapter)
+
+    @property
+    def model_name(self) -> str:
+        """The id of the base model that answers (the engine's `model_id`), known without loading it."""
+        # An engine built from a name serves `config.base_model` under that very id.
+        return self._engine.model_id if self._engine is not None else self.config.base_model
+
+    # -- the store -------------------------------------------------------------------------------
+    @property
+    def uri(self) -> str:
+        """Where the store lives: the directory or URI it was opened with."""
+        return self.store.uri
+
+    @property
+    def keep_text(self) -> bool:
+        """Whether memories keep their source text (`config.keep_text`)."""
+        return self.store.keep_text
+
+    def optimize(self, older_than: timedelta = timedelta(minutes=1)) -> OptimizeReport:
+        """Compact the store, fold new memories into its indices, drop table versions older than
+        `older_than`, and sweep the composed-adapter cache; loads no model. Run it periodically (cron, or
+        after a bulk import): every write adds a version, and memories added since the index was built are
+        scanned without it. `older_than=timedelta(0)` keeps only the latest version: only when nothing
+        else reads the store.
+        """
+        before = self.store.version_count()
+        self.store.optimize(older_than=older_than)
+        swept, self._swept = self._swept + len(self.cache.sweep(self.store)), 0
+        return OptimizeReport(memories=self.store.count(), versions_before=before,
+                              versions_after=self.store.version_count(), composed_swept=swept)
+
+    @staticmethod
+    def validate_scope(*, user_id: str, agent_id: str | None = None, session_id: str | None = None,
+                       kind: str | None = None) -> None:
+        """Check ids and a kind as every call does, without a store (e.g. a user id from a form, before
+        anything is spent on it).
+
+        Raises:
+            ValueError: an id outside 1-256 letters, digits and `_ . : @ + / = -`, or an unknown kind.
+        """
+        MemoryStore.validate_scope(user_id=user_id, agent_id=agent_id, session_id=session_id, kind=kind)
+
+    @staticmethod
+    def store_exists(path: str | Path) -> bool:
+        """Whether `path` holds a memory store, checked without opening one (opening creates it). A URI
+        (`s3://`, `db://`) is taken to hold one: only connecting could tell."""
+        return "://" in str(path) or (Path(path) / f"{MEMORIES_TABLE}.lance").is_dir()
 
     # -- async twins and lifecycle ---------------------------------------------------------------
     async def aabsorb(self, text: object, user_id: str, kind: str = "document", **kw: Any) -> MemoryRecord:
@@ -353,8 +557,11 @@ class D2LMemory:
         return await asyncio.to_thread(self.chat, message, user_id, mode, max_new_tokens, **kw)
 
     def close(self) -> None:
-        """Release the engine and the store."""
-        self.engine.close()
+        """Release the engine (when one was built or given) and the store; a closed memory loads nothing."""
+        with self._loading:
+            self._closed = True
+        if self._engine is not None:
+            self._engine.close()
         self.store.close()
 
     def __enter__(self) -> D2LMemory:

@@ -3,11 +3,14 @@
 `D2LMemory.absorb_messages` stores a conversation as `Role: text` lines cut at turn boundaries into
 segments of at most a token budget; the benchmarks and the meta-training generator build their memories
 with the same two functions, so what the hypernetwork is trained on is exactly what it reads in use.
+`retrieval_parts` cuts a memory's text into the sentences it is also searched by.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 LANGCHAIN_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
@@ -73,6 +76,35 @@ def segment_turns(turns: Sequence[str], count_tokens: Callable[[str], int], budg
         segments[-1].append(turn)
         used += n
     return ["\n".join([header, *seg] if header else seg) for seg in segments]
+
+
+MAX_PARTS = 32
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
+# Where people join two things they tell about themselves: "My favorite color is teal and I live in Lisbon",
+# "I'm a nurse; my wife is a teacher", "I love sushi, but my son hates fish".
+_CLAUSE = re.compile(r"\s*;\s*|,?\s+(?:and|but|plus|also|so)\s+(?=(?:I|I'm|I've|I'd|my|we|we're|our|me)\b)",
+                     re.IGNORECASE)
+_ROLE_PREFIX = re.compile(r"^(user|assistant|system|tool):\s*", re.IGNORECASE)
+
+
+def retrieval_parts(text: str, max_parts: int = MAX_PARTS) -> list[str]:
+    """The sentences of `text`, turn by turn and without their `Role:` prefix, that a memory is searched by
+    besides its whole text (a question about one fact matches the sentence that states it far better than a
+    memory holding that fact among chit-chat), then the statements of sentences that join several ("my
+    favorite color is teal and I live in Lisbon"). One-word sentences ("Hi!") are dropped; more than
+    `max_parts` are joined, in order, into `max_parts` runs of neighbours. A text of one plain sentence has
+    no parts: its whole text is that sentence.
+    """
+    lines = (_ROLE_PREFIX.sub("", line.strip()) for line in text.splitlines())
+    sentences = [s.strip() for line in lines for s in _SENTENCE_END.split(line) if len(s.split()) >= 2]
+    # a sentence that joins several statements is searched by each statement too
+    sentences += [c for s in sentences if len(cs := _CLAUSE.split(s)) > 1 for c in cs if len(c.split()) >= 2]
+    if len(sentences) <= 1:
+        return []
+    if len(sentences) > max_parts:
+        bounds = [round(i * len(sentences) / max_parts) for i in range(max_parts + 1)]
+        sentences = [" ".join(sentences[a:b]) for a, b in itertools.pairwise(bounds)]
+    return sentences
 
 
 def render_tool_output(output: object) -> str:

@@ -97,15 +97,27 @@ def test_forget_user_removes_their_memories_and_composed_adapters(store, absorbe
     assert not set(holding) & set(cache.names())
 
 
-def test_list_recall_and_forget_do_not_load_the_model(store, absorbed, monkeypatch):
+def test_store_commands_do_not_load_the_model(store, absorbed, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    for where in ("d2l_memory.models.load_model", "d2l_memory.memory.load_model"):
+    for where in ("d2l_memory.models.load_model", "d2l_memory.memory.load_model",
+                  "d2l_memory.d2l.DocToLoRA.from_pretrained"):
         monkeypatch.setattr(where, no_model)
-    for args in (["list", "--user", "bob"], ["recall", "bees", "--user", "bob"], ["forget", "--user", "nobody", "-y"]):
+    bob = absorbed["bob"]["id"]
+    for args in (["list", "--user", "bob"], ["recall", "bees", "--user", "bob"], ["forget", "--user", "nobody", "-y"],
+                 ["optimize"]):
         result = run(*args, "--store", store, "--json")
         assert result.exit_code == 0, result.output
+
+    def forget(*args: str) -> dict:
+        result = run("forget", "--id", bob, *args, "--store", store, "--json")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    assert forget("--user", "alice") == {"forgotten": 0}  # not alice's: nothing to confirm, nothing forgotten
+    assert forget("--user", "bob", "--yes") == {"forgotten": 1}
+    assert json.loads(run("list", "--user", "bob", "--store", store, "--json").stdout) == []
 
 
 @pytest.mark.parametrize(("args", "stdin", "names"), [

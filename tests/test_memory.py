@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 
-from d2l_memory import D2LMemory, MemoryRecord
+from d2l_memory import D2LMemory, D2LMemoryError, MemoryRecord
+from d2l_memory.engines import GenerationParams
 from d2l_memory.transcripts import render_tool_output
 
 FACT = "Alice's favorite color is teal. Alice lives in Lisbon."
@@ -149,10 +154,71 @@ def test_forget_is_exact(mem):
 
 
 def test_absorb_and_chat_from_two_threads(mem):
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(2) as pool:
         absorbs = [pool.submit(mem.absorb, f"Gina's locker number is {n}.", "gina") for n in (11, 12)]
         chats = [pool.submit(mem.chat, "What is Gina's locker number?", "gina", "adapter", 8) for _ in range(2)]
         assert all(f.result().user_id == "gina" for f in absorbs)
         assert all(isinstance(f.result(), str) for f in chats)
+
+
+def test_a_prepared_request_is_generated_through_the_facade(mem, alice):
+    question = "What is Alice's favorite color?"
+    messages, adapter = mem.prepare(question, "alice", mode="adapter")
+    params = GenerationParams(max_new_tokens=8)
+    answer = mem.generate(messages, adapter, params)
+    assert answer == mem.chat(question, "alice", mode="adapter", max_new_tokens=8)
+    assert "".join(mem.generate_stream(messages, adapter, params)) == answer
+    assert mem.count_prompt_tokens(messages) > mem.count_tokens(question)
+    assert mem.adapter_name(adapter) == adapter.name and mem.adapter_name(None) == mem.model_name
+    with pytest.raises(TypeError, match="bare LoRA"):
+        mem.adapter_name(adapter.lora)
+    too_long = GenerationParams(max_new_tokens=mem.config.max_answer_tokens + 1)
+    for call in (mem.generate, mem.generate_stream):  # refused at the call, before any piece
+        with pytest.raises(ValueError, match="max_answer_tokens"):
+            call(messages, adapter, too_long)
+
+
+def test_store_calls_load_no_model_and_forget_still_unloads_from_servers(mem, monkeypatch):
+    record = mem.absorb("Hank's boat is called Marlin.", user_id="hank")
+    _, adapter = mem.prepare("What is Hank's boat called?", "hank", mode="adapter")
+    assert adapter is not None and adapter.path.exists()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("d2l_memory.memory.load_model", no_model)
+    unloaded: list[str] = []
+    monkeypatch.setattr("d2l_memory.memory.evict_from_servers", lambda cache, names: unloaded.extend(names))
+    with D2LMemory(mem.uri) as lazy:
+        assert (lazy.uri, lazy.model_name, lazy.keep_text) == (mem.uri, mem.model_name, True)
+        assert lazy.count("hank") == 1 and [r.id for r in lazy.list("hank")] == [record.id]
+        assert lazy.get(record.id, user_id="hank").text == record.text
+        assert lazy.get(record.id, user_id="bob") is None  # another user's id reads as no memory
+        assert [h.id for h in lazy.recall("Hank's boat", "hank")] == [record.id]
+        assert lazy.embed(["a boat", "a dog"]).shape == (2, 384)
+        assert lazy.forget(record.id, user_id="hank") == 1
+        assert lazy.optimize().memories == lazy.store.count()
+        assert lazy._d2l is None and lazy._engine is None
+    assert unloaded == [adapter.name] and not adapter.path.exists()
+
+
+def test_the_model_loads_once_however_many_threads_ask_and_never_after_close(tmp_path, monkeypatch):
+    loads: list[str] = []
+    started = threading.Event()
+
+    def slow_load(name: str) -> SimpleNamespace:
+        loads.append(name)
+        started.set()
+        time.sleep(0.2)  # the other threads arrive while this one loads
+        return SimpleNamespace(model_id=name)
+
+    monkeypatch.setattr("d2l_memory.memory.load_model", slow_load)
+    monkeypatch.setattr("d2l_memory.memory.DocToLoRA.from_pretrained",
+                        lambda hypernet, base: SimpleNamespace(base=base))
+    lazy = D2LMemory(tmp_path)
+    with ThreadPoolExecutor(4) as pool:
+        loaded = list(pool.map(lambda _: lazy.d2l, range(4)))
+    assert started.is_set() and len(loads) == 1 and all(d is loaded[0] for d in loaded)
+    lazy.close()
+    with pytest.raises(D2LMemoryError, match="closed"):
+        lazy.load()  # the engine is not built for a closed memory

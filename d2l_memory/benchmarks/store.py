@@ -102,7 +102,7 @@ def _bench_one(root: Path, n: int, n_users: int, lora: LoRA, *, n_adds: int, n_s
     disk_after = _disk(root / "store")
     search_opt_lat, recall_opt = searches()
     rows = store.count()
-    indexed = "vector" in store._index_columns()
+    indexed = "parts" in store._index_columns(store._table)
     store.close()
     return {
         "memories": rows, "users": n_users, "indexed": indexed, "fill_rows_per_s": round(n / fill_s),

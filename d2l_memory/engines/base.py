@@ -178,6 +178,21 @@ class Engine(ABC):
         """Answers to several requests, each with its own adapter; engines override this to batch."""
         return [self.generate(messages, adapter, params) for messages, adapter in requests]
 
+    def adapter_name(self, adapter: Adapter | None) -> str:
+        """The model name a request with `adapter` goes to on an OpenAI-compatible server serving the same
+        composed cache: the base model's id for None, else the composed adapter's cache name.
+
+        Raises:
+            TypeError: a bare `LoRA`, which has a cache name only once it is written to a cache (the
+                vLLM server engine writes it; this one does not).
+        """
+        if adapter is None:
+            return self.model_id
+        if isinstance(adapter, LoRA):
+            raise TypeError(f"{type(self).__name__} gives no serving name to a bare LoRA: pass the composed "
+                            "adapter that D2LMemory.prepare returns")
+        return adapter.name
+
     def evict(self, names: Iterable[str]) -> None:  # noqa: B027 - engines without named adapters keep none
         """Drop adapters by cache name (after `ComposedCache.erase`), so a forgotten memory is not served."""
 

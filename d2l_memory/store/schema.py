@@ -1,23 +1,29 @@
 """The shape of a memory store: one pydantic class per LanceDB table, the records callers see, and the
 schema version with its migrations.
 
-Tables (both in one LanceDB database, i.e. one directory or one `s3://` / `db://` URI):
+Tables (all in one LanceDB database, i.e. one directory or one `s3://` / `db://` URI):
 
-- `memories` (`MemoryRow`): one row per memory. The adapter's safetensors bytes live in the same row,
-  in a Lance blob v2 column (`lancedb.blob`), so a row and its adapter are written by one commit.
+- `memories` (`MemoryRow`): one row per memory, everything search reads: scope, kind, text, the whole
+  text's embedding and its parts' embeddings (`parts`, a multivector column: a memory scores by its
+  best-matching sentence), the adapter's checksum and shape. No adapter bytes: search reads small files.
+- `adapters` (`AdapterRow`): the adapter's safetensors bytes per memory id, in a Lance blob v2 column.
 - `meta` (`MetaRow`): key/value strings; `schema_version` is the one every open checks.
 
-`SCHEMA_VERSION` changes whenever `MemoryRow` changes. Opening a store written with another version
+A memory is written adapter first, row second, and erased row first, adapter second: the `memories` row
+is the commit point, so after a crash a memory is whole or absent. An adapter left without a row (a crash
+between the two writes or erases) is invisible and is swept by `MemoryStore.optimize`.
+
+`SCHEMA_VERSION` changes whenever a table's schema changes. Opening a store written with another version
 raises `d2l_memory.errors.SchemaVersionError`; an older store opens with `migrate=True` when
-`MIGRATIONS` holds a step from each version to the next.
+`store.migrations.MIGRATIONS` holds a step from each version to the next.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lancedb
 import pyarrow as pa
@@ -28,21 +34,19 @@ from d2l_memory.embedder import EMBEDDING_DIM
 from d2l_memory.kinds import Kind
 from d2l_memory.lora import LoRA
 
-if TYPE_CHECKING:
-    from lancedb.db import DBConnection
-
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MEMORIES_TABLE = "memories"
+ADAPTERS_TABLE = "adapters"
 META_TABLE = "meta"
 VERSION_KEY = "schema_version"
-
+STABLE_ROW_IDS = {"new_table_enable_stable_row_ids": "true"}  # blob fetches by row id survive compaction
 
 
 class MemoryRow(LanceModel):
     """One memory as stored: the `memories` table's schema.
 
-    `adapter` is declared as bytes for pydantic and stored as a Lance blob v2 column (see
-    `to_arrow_schema`): large values go to their own file and read back without copying the row.
+    `vector` embeds the whole text; `parts` holds it again followed by the embeddings of the text's
+    `transcripts.retrieval_parts`, so a multivector search scores each memory by its best part.
     `created_at` is a UTC timestamp; `metadata` a JSON object serialised to text.
     """
 
@@ -53,7 +57,7 @@ class MemoryRow(LanceModel):
     kind: str
     text: str | None = None
     vector: Vector(EMBEDDING_DIM)  # type: ignore[valid-type]
-    adapter: bytes
+    parts: list[Vector(EMBEDDING_DIM)]  # type: ignore[valid-type]
     adapter_sha256: str
     rank: int
     n_chunks: int
@@ -62,6 +66,19 @@ class MemoryRow(LanceModel):
     n_tokens: int
     created_at: datetime = Field(json_schema_extra={"tz": "UTC"})
     metadata: str = "{}"
+
+
+class AdapterRow(LanceModel):
+    """One memory's adapter bytes: the `adapters` table's schema, keyed by the memory's id.
+
+    `adapter` is declared as bytes for pydantic and stored as a Lance blob v2 column (see
+    `to_arrow_schema`): large values go to their own file and read back without copying the row.
+    `created_at` lets `optimize` tell an adapter whose row is still being written from one a crash left.
+    """
+
+    id: str
+    adapter: bytes
+    created_at: datetime = Field(json_schema_extra={"tz": "UTC"})
 
     @classmethod
     def to_arrow_schema(cls) -> pa.Schema:
@@ -77,18 +94,11 @@ class MetaRow(LanceModel):
     value: str
 
 
-# Columns of `memories` that become a `StoredMemory` (everything but the vector and the adapter bytes).
-RECORD_COLUMNS: list[str] = [
-    "id", "user_id", "agent_id", "session_id", "kind", "text", "adapter_sha256", "rank", "n_chunks",
-    "base_model", "hypernet", "n_tokens", "created_at", "metadata",
-]
-
-
 class StoredMemory(BaseModel):
     """A memory as the store returns it: the row without its vector and adapter bytes.
 
-    `score` is set on search hits only: cosine similarity (`1 - cosine distance`, in [-1, 1]) for vector
-    search, the reciprocal-rank-fusion score for hybrid search.
+    `score` is set on search hits only: the cosine similarity (in [-1, 1]) of the query to the memory's
+    best-matching part (its whole text with `parts=False`), whichever ranking found it.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -121,6 +131,10 @@ class StoredMemory(BaseModel):
         return cls(**fields, score=score)
 
 
+# Columns of `memories` that become a `StoredMemory`: its fields but the search score.
+RECORD_COLUMNS: list[str] = [name for name in StoredMemory.model_fields if name != "score"]
+
+
 class MemoryInput(BaseModel):
     """What `MemoryStore.add_many` takes for one memory (`MemoryStore.add` takes the same as arguments).
 
@@ -140,9 +154,3 @@ class MemoryInput(BaseModel):
     session_id: str | None = None
     n_tokens: int = Field(default=0, ge=0)
     metadata: dict[str, Any] = Field(default_factory=dict)
-
-
-# Migration steps: MIGRATIONS[v] rewrites a store at version v into version v + 1 (in place, through the
-# connection) and must leave the store readable by version v + 1. None exist yet: version 1 is the first.
-Migration = Callable[["DBConnection"], None]
-MIGRATIONS: dict[int, Migration] = {}

@@ -499,7 +499,8 @@ def dialogue(rng: random.Random, split: Split = "train", held_out_attributes: bo
                          ("assistant", rng.choice(ACKS))])
     question = _pick(target.attribute.ask, split, rng, used, f"{target.attribute.key}.ask")
     if update:
-        question = rng.choice([question.rstrip("?") + " now?", question, question.replace("?", " currently?"),
+        stem, end = question[:-1], question[-1]  # "?" or the "." of a request ("Remind me what I drive.")
+        question = rng.choice([f"{stem} now{end}", question, f"{stem} currently{end}",
                                "These days, " + question[0].lower() + question[1:]])
     return Dialogue(person=person, sessions=sessions, question=question, value=value,
                     old_value=target.value if update else None,

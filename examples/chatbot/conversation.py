@@ -11,10 +11,8 @@ from __future__ import annotations
 from collections.abc import Generator
 from uuid import uuid4
 
-from d2l_memory import MODES, D2LMemory, MemoryRecord
+from d2l_memory import MODES, D2LMemory, MemoryNotFoundError, MemoryRecord
 from d2l_memory.cli import HISTORY_MESSAGES
-from d2l_memory.errors import MemoryNotFoundError
-from d2l_memory.store import MemoryStore
 
 # hybrid: the memories' adapter plus their best snippet in the prompt. With the young shipped hypernetwork
 # adapter mode alone recalls 0.81 of personal facts (0.875 in context, docs/training.md); the snippet makes the bot
@@ -32,7 +30,7 @@ def check_user(user_id: object) -> str:
     Raises:
         ValueError: the store's own message (ids are 1-256 letters, digits and `_ . : @ + / = -`).
     """
-    MemoryStore.validate_scope(user_id=user_id)  # type: ignore[arg-type]
+    D2LMemory.validate_scope(user_id=user_id)  # type: ignore[arg-type]
     return user_id  # type: ignore[return-value]
 
 

@@ -15,9 +15,8 @@ from collections.abc import Iterable
 
 from rich.markup import escape
 
-from d2l_memory import MODES
+from d2l_memory import MODES, D2LMemoryError
 from d2l_memory.cli import err, input_lines, open_memory, out, print_error, print_records, stream_answer
-from d2l_memory.errors import D2LMemoryError
 from examples.chatbot.conversation import DEFAULT_MODE, Conversation, check_mode, check_user, forget, memories
 
 HELP = """\

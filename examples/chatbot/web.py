@@ -42,10 +42,8 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as ASGIMessage
 
-from d2l_memory import MODES, D2LMemory, MemoryRecord
-from d2l_memory.chunking import validate_text
+from d2l_memory import MODES, D2LMemory, D2LMemoryError, MemoryNotFoundError, MemoryRecord, validate_text
 from d2l_memory.engines.vllm_server import is_loopback
-from d2l_memory.errors import D2LMemoryError, MemoryNotFoundError
 from examples.chatbot.conversation import DEFAULT_MODE, Conversation, check_mode, check_user, forget, memories
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,6 @@ from pydantic import AliasChoices, Field
 
 from d2l_memory import D2LMemory, Mode
 from d2l_memory.engines import GenerationParams
-from d2l_memory.engines.base import render_chat
 from d2l_memory.tool_calls import check_tool_choice, parse_tool_calls, settled_content
 from langchain_d2l._utils import last_human, to_chat
 
@@ -63,7 +62,7 @@ class ChatD2L(BaseChatModel):
     """
 
     memory: D2LMemory = Field(exclude=True, repr=False)
-    """Where memories live; its engine generates the answers."""
+    """Where memories live; its engine generates the answers (`D2LMemory.generate`)."""
     user_id: str
     """Whose memories answer (validated by the store: letters, digits and `_ . : @ + / = -`)."""
     mode: Mode = "adapter"
@@ -92,13 +91,13 @@ class ChatD2L(BaseChatModel):
     @property
     def model_name(self) -> str:
         """The base model that answers (the memory engine's model id)."""
-        return self.memory.engine.model_id
+        return self.memory.model_name
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
         # The user and the store are part of the identity: a LangChain cache must never serve one
         # user's answer to another.
-        return {"model_name": self.model_name, "store": self.memory.store.uri, "user_id": self.user_id,
+        return {"model_name": self.model_name, "store": self.memory.uri, "user_id": self.user_id,
                 "mode": self.mode, "k": self.k, "agent_id": self.agent_id, "session_id": self.session_id,
                 "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "stop": self.stop, "seed": self.seed}
@@ -181,9 +180,8 @@ class ChatD2L(BaseChatModel):
                   options: dict[str, Any]) -> tuple[UsageMetadata, dict[str, Any]]:
         # Counted with the base tokenizer: prompt tokens as every engine renders them; answer tokens by
         # re-tokenizing the answer (equal to the generated count except at rare merge boundaries).
-        tokenizer = self.memory.d2l.base.tokenizer
-        n_in = len(render_chat(tokenizer, chat, tools=self._params(options).stated_tools))
-        n_out = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+        n_in = self.memory.count_prompt_tokens(chat, self._params(options))
+        n_out = self.memory.count_tokens(text) if text else 0
         usage = UsageMetadata(input_tokens=n_in, output_tokens=n_out, total_tokens=n_in + n_out)
         return usage, {"model_name": self.model_name, "mode": options["mode"],
                        "adapter": getattr(adapter, "name", None)}
@@ -192,7 +190,7 @@ class ChatD2L(BaseChatModel):
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         options = self._options(stop, kwargs)
         chat, adapter = self._request(messages, options)
-        text = self.memory.engine.generate(chat, adapter, self._params(options))
+        text = self.memory.generate(chat, adapter, self._params(options))
         usage, metadata = self._metadata(chat, text, adapter, options)
         if not self._calls_allowed(options):
             return ChatResult(generations=[ChatGeneration(message=AIMessage(
@@ -209,7 +207,7 @@ class ChatD2L(BaseChatModel):
         chat, adapter = self._request(messages, options)
         tools = self._calls_allowed(options)
         text, sent = "", ""
-        for piece in self.memory.engine.stream(chat, adapter, self._params(options)):
+        for piece in self.memory.generate_stream(chat, adapter, self._params(options)):
             text += piece
             # With tools, only text that cannot be part of a call goes out as content while it streams.
             content = settled_content(text)[len(sent):] if tools else piece

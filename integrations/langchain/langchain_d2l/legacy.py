@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import Field
 
-from d2l_memory.memory import D2LMemory
+from d2l_memory import D2LMemory
 
 try:
     from langchain_classic.base_memory import BaseMemory

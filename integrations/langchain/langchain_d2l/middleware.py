@@ -104,8 +104,7 @@ class D2LMemoryMiddleware(AgentMiddleware[D2LMemoryState, Any, Any]):
         chat, adapter = self.memory.prepare(query, self._user(request.runtime), self.mode, self.k)
         overrides: dict[str, Any] = {}
         if adapter is not None:
-            name = getattr(self.memory.engine, "adapter_name", None)
-            overrides["model"] = _with_model_name(model, name(adapter) if name else adapter.name)
+            overrides["model"] = _with_model_name(model, self.memory.adapter_name(adapter))
         if chat[-1]["content"] != query:
             messages = list(request.messages)
             messages[i] = HumanMessage(chat[-1]["content"], id=messages[i].id, name=messages[i].name)

@@ -203,7 +203,7 @@ class D2LStore(BaseStore):
         else:  # absorb needs text: an unindexed item is absorbed as its value, and never searched by it
             text = "\n".join(self._texts(value, None)) or json.dumps(value, ensure_ascii=False, sort_keys=True)
         meta = {"key": op.key, "fields": fields, "indexed": bool(texts), "created_at": created_at}
-        if self.memory.store.keep_text:  # the value holds the text that keep_text=False drops
+        if self.memory.keep_text:  # the value holds the text that keep_text=False drops
             meta["value"] = value
         return text, meta
 
@@ -219,11 +219,10 @@ class D2LStore(BaseStore):
                     several[record.id] = texts
         if not several:
             return {}
-        embedder = self.memory.store.embedder
         with self._vectors_lock:
             missing = [i for i in several if i not in self._vectors]
         if missing:
-            vectors = embedder.embed([t for i in missing for t in several[i]])
+            vectors = self.memory.embed([t for i in missing for t in several[i]])
             with self._vectors_lock:
                 start = 0
                 for i in missing:
@@ -231,7 +230,7 @@ class D2LStore(BaseStore):
                         self._vectors.pop(next(iter(self._vectors)))
                     self._vectors[i] = vectors[start : start + len(several[i])]
                     start += len(several[i])
-        q = embedder.embed([query])[0]
+        q = self.memory.embed([query])[0]
         with self._vectors_lock:
             return {i: float(np.max(self._vectors[i] @ q)) for i in several if i in self._vectors}
 
@@ -283,7 +282,7 @@ class D2LStore(BaseStore):
         if query is None:
             hits = self._ranked(self.memory.list(user_id, **scope), op.filter, None)
             return hits[op.offset : want]
-        total = self.memory.store.count(user_id)  # an upper bound of the scope's size
+        total = self.memory.count(user_id)  # an upper bound of the scope's size
         if total == 0:
             return []
         depth = total if op.filter else min(total, max(want, SEARCH_DEPTH))
