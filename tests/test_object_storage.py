@@ -14,9 +14,7 @@ import hashlib
 import hmac
 import json
 import os
-import random
 import shutil
-import signal
 import socket
 import subprocess
 import sysconfig
@@ -34,7 +32,7 @@ from pathlib import Path
 
 import pytest
 from pyarrow import fs as pafs
-from test_store import SHAPES, _writers, fingerprint, make_lora
+from test_store import SHAPES, _writers, check_whole_after_kill, fingerprint, kill_writer_mid_add, make_lora
 from typer.testing import CliRunner
 
 from d2l_memory import D2LMemory
@@ -315,22 +313,8 @@ def test_two_writer_processes_on_one_bucket_lose_and_duplicate_nothing(aws_env: 
 def test_a_writer_killed_mid_add_leaves_every_row_with_its_adapter(aws_env: S3) -> None:
     uri = aws_env.uri()
     MemoryStore(uri).close()
-    child = _writers(uri, 1, 10_000, size=20_000)  # ~320 KB adapters: the kill lands inside an add
-    assert child.stdout is not None
-    worker = int(child.stdout.readline().split()[1])
-    reported = [child.stdout.readline().strip() for _ in range(6)]
-    time.sleep(random.uniform(0.0, 0.2))
-    os.kill(worker, signal.SIGKILL)
-    rest, err = child.communicate(timeout=60)
-    reported += rest.split()
-    assert f"exit codes [{-signal.SIGKILL}]" in err and all(len(i) == 32 for i in reported)
+    reported = kill_writer_mid_add(uri, 6, 0.2)
     with MemoryStore(uri) as store:
-        stored = store._table.search().select(["id"]).to_arrow().column("id").to_pylist()
-        assert set(reported) <= set(stored), "an add that returned is missing after kill -9"
-        assert len(stored) - len(reported) <= 1 and len(set(stored)) == len(stored)
-        assert len(store.get_adapters(stored, base_model="tiny", hypernet="h1")) == len(stored)
-        assert store._adapter_table.count_rows() - len(stored) in (0, 1)  # killed between its two commits
-        store.sweep_orphans(older_than=timedelta(0))
-        assert store._adapter_table.count_rows() == len(stored)
+        stored = check_whole_after_kill(store, reported)
         store.optimize(older_than=timedelta(0))
         assert store.count("user0") == len(stored) and store._adapter_table.count_rows() == len(stored)

@@ -380,7 +380,7 @@ sys.exit(0 if all(c == 0 for c in codes) else 1)
 """
 
 
-def _writers(uri: Path, workers: int, n: int, size: int = 8) -> subprocess.Popen[str]:
+def _writers(uri: Path | str, workers: int, n: int, size: int = 8) -> subprocess.Popen[str]:
     """`workers` processes each adding `n` memories to the store at `uri`, printing each id once added."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "LANCE_LOG": "error"}
     return subprocess.Popen([sys.executable, "-c", WRITER, str(uri), str(workers), str(n), str(size)],
@@ -401,29 +401,41 @@ def test_four_writer_processes(tmp_path: Path) -> None:
         assert [store.count(f"user{w}") for w in range(4)] == [50] * 4
 
 
-def test_kill_9_during_add_loop(tmp_path: Path) -> None:
-    uri = tmp_path / "s"
-    MemoryStore(uri).close()
-    child = _writers(uri, 1, 10_000, size=20_000)  # ~320 KB adapters: the kill lands inside an add
+def kill_writer_mid_add(uri: Path | str, lines: int, max_sleep_s: float) -> list[str]:
+    """Start one writer of ~320 KB adapters (so the kill lands inside an add), read `lines` ids, kill it with
+    SIGKILL after up to `max_sleep_s`; returns every id it reported as added."""
+    child = _writers(uri, 1, 10_000, size=20_000)
     assert child.stdout is not None
     worker = int(child.stdout.readline().split()[1])
-    reported = [child.stdout.readline().strip() for _ in range(12)]
-    time.sleep(random.uniform(0.0, 0.05))
+    reported = [child.stdout.readline().strip() for _ in range(lines)]
+    time.sleep(random.uniform(0.0, max_sleep_s))
     os.kill(worker, signal.SIGKILL)
     rest, err = child.communicate(timeout=60)
     reported += rest.split()
     assert f"exit codes [{-signal.SIGKILL}]" in err and all(len(i) == 32 for i in reported)
+    return reported
 
+
+def check_whole_after_kill(store: MemoryStore, reported: list[str]) -> list[str]:
+    """Every reported add is stored once, every row has its adapter, and the one adapter a kill between an
+    add's two commits may leave is swept; returns the stored ids."""
+    stored = store._table.search().select(["id"]).to_arrow().column("id").to_pylist()
+    assert set(reported) <= set(stored), "an add that returned is missing after kill -9"
+    assert len(stored) - len(reported) <= 1 and len(set(stored)) == len(stored)
+    adapters = store.get_adapters(stored, base_model="tiny", hypernet="h1")  # no half-written adapter
+    assert len(adapters) == len(stored)
+    assert store._adapter_table.count_rows() - len(stored) in (0, 1)
+    store.sweep_orphans(older_than=timedelta(0))
+    assert store._adapter_table.count_rows() == len(stored)
+    return stored
+
+
+def test_kill_9_during_add_loop(tmp_path: Path) -> None:
+    uri = tmp_path / "s"
+    MemoryStore(uri).close()
+    reported = kill_writer_mid_add(uri, 12, 0.05)
     with MemoryStore(uri) as store:
-        stored = store._table.search().select(["id"]).to_arrow().column("id").to_pylist()
-        assert set(reported) <= set(stored), "an add that returned is missing after kill -9"
-        assert len(stored) - len(reported) <= 1 and len(set(stored)) == len(stored)
-        adapters = store.get_adapters(stored, base_model="tiny", hypernet="h1")  # no half-written adapter
-        assert len(adapters) == len(stored)
-        # the kill may land between an add's two commits: at most one adapter without its row, swept
-        assert store._adapter_table.count_rows() - len(stored) in (0, 1)
-        store.sweep_orphans(older_than=timedelta(0))
-        assert store._adapter_table.count_rows() == len(stored)
+        stored = check_whole_after_kill(store, reported)
         m = store.add("user0", make_lora(0), vector=unit(0))  # and the store keeps working
         assert store.search(unit(0), "user0", k=1)[0].id == m.id
         store.optimize(older_than=timedelta(0))
