@@ -29,7 +29,7 @@ demo: $(STAMP)
 
 test: $(STAMP) chromium
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=30
 
 # tests/test_chatbot_web.py drives Debian's Chromium; installed here when missing and we are root (CI is).
 # Elsewhere that test skips, and under CI (CI set) it fails, saying how to install it.

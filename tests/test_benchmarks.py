@@ -129,14 +129,19 @@ def test_gate_calibration_quick(tmp_path, monkeypatch):
     from d2l_memory.benchmarks import gate
 
     result = _run_main(gate, tmp_path, monkeypatch)
-    rows = result["rows"]
-    assert [r["threshold"] for r in rows] == list(gate.THRESHOLDS)
-    for name in rows[0]:
-        if name != "threshold":  # a higher threshold lets fewer questions through, of every sort
-            assert all(0.0 <= r[name] <= 1.0 for r in rows)
-            assert [r[name] for r in rows] == sorted((r[name] for r in rows), reverse=True)
-    # Questions about a memory are far more similar to it than unrelated ones.
-    assert result["similarity"]["first person"]["p50"] > result["similarity"]["unrelated"]["p50"] + 0.1
+    assert set(result["scorings"]) == {"whole", "best part"}
+    for scoring in result["scorings"].values():
+        rows = scoring["rows"]
+        assert [r["threshold"] for r in rows] == list(gate.THRESHOLDS)
+        for name in rows[0]:
+            if name != "threshold":  # a higher threshold lets fewer questions through, of every sort
+                assert all(0.0 <= r[name] <= 1.0 for r in rows)
+                assert [r[name] for r in rows] == sorted((r[name] for r in rows), reverse=True)
+        # Questions about a memory are far more similar to it than unrelated ones.
+        assert scoring["similarity"]["first person"]["p50"] > scoring["similarity"]["unrelated"]["p50"] + 0.1
+    whole, parts = (result["scorings"][k]["rows"] for k in ("whole", "best part"))
+    # Scoring by the best part lets at least as many related questions through at every threshold.
+    assert all(p["related first person"] >= w["related first person"] for w, p in zip(whole, parts))
 
 
 def test_composition_quick(tmp_path, monkeypatch):
