@@ -141,7 +141,7 @@ def test_gate_calibration_quick(tmp_path, monkeypatch):
         assert scoring["similarity"]["first person"]["p50"] > scoring["similarity"]["unrelated"]["p50"] + 0.1
     whole, parts = (result["scorings"][k]["rows"] for k in ("whole", "best part"))
     # Scoring by the best part lets at least as many related questions through at every threshold.
-    assert all(p["related first person"] >= w["related first person"] for w, p in zip(whole, parts))
+    assert all(p["related first person"] >= w["related first person"] for w, p in zip(whole, parts, strict=True))
 
 
 def test_composition_quick(tmp_path, monkeypatch):
