@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from d2l_memory.errors import MemoryNotFoundError, call_all
 from d2l_memory.home import home, sha256_file
-from d2l_memory.lora import LoRA
+from d2l_memory.lora import CONFIG_FILE, WEIGHTS_FILE, LoRA
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,6 @@ VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DEFAULT_RANK_BUDGET = 64
 DEFAULT_MAX_BYTES = 2 << 30
 RECIPE_FILE = "d2l_recipe.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
 CHECKED_FILES = (WEIGHTS_FILE, CONFIG_FILE)  # what vLLM and the engines read: hashed at write, checked on hits
 TEMP_PREFIX = ".d2l-"  # entries are written in `.<name>-<random>` directories first, then renamed into place
 ORPHAN_AGE_S = 3600.0  # a temporary directory this old belongs to no live writer (a write takes seconds)

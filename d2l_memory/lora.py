@@ -28,6 +28,8 @@ from d2l_memory.errors import AdapterError
 
 FORMAT_VERSION = "1"
 PEFT_PREFIX = "base_model.model."
+WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's file names: what peft and vLLM read from a directory
+CONFIG_FILE = "adapter_config.json"
 
 
 class LoRA:
@@ -293,11 +295,11 @@ class LoRA:
         return digest.hexdigest()
 
     def save_peft(self, directory: str | Path) -> Path:
-        """Write a PEFT adapter directory (`adapter_model.safetensors` + `adapter_config.json`)
+        """Write a PEFT adapter directory (`WEIGHTS_FILE` + `CONFIG_FILE`)
         that `peft.PeftModel.from_pretrained` and vLLM's `LoRARequest` both load."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file(self._tensors(), directory / "adapter_model.safetensors", metadata=self._metadata())
+        save_file(self._tensors(), directory / WEIGHTS_FILE, metadata=self._metadata())
         config = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -312,7 +314,7 @@ class LoRA:
             "inference_mode": True,
             "base_model_name_or_path": self.base_model,
         }
-        (directory / "adapter_config.json").write_text(json.dumps(config, indent=1))
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1))
         return directory
 
     @classmethod
@@ -324,9 +326,9 @@ class LoRA:
         """
         directory = Path(directory)
         try:
-            config = json.loads((directory / "adapter_config.json").read_text())
-            tensors = load_file(directory / "adapter_model.safetensors")
-            with safe_open(directory / "adapter_model.safetensors", "pt") as fh:
+            config = json.loads((directory / CONFIG_FILE).read_text())
+            tensors = load_file(directory / WEIGHTS_FILE)
+            with safe_open(directory / WEIGHTS_FILE, "pt") as fh:
                 meta = fh.metadata() or {}
         except (OSError, ValueError) as exc:
             raise AdapterError(f"cannot read PEFT adapter in {directory}: {exc}") from exc

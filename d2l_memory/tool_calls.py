@@ -56,20 +56,20 @@ TOOLS_OUTRO = ("\n</tools>\n\nTo call a tool, answer with a JSON object holding 
                "<tool_call></tool_call> tags:\n<tool_call>\n"
                '{"name": <tool name>, "arguments": <arguments as a JSON object>}\n</tool_call>')
 
-# SmolLM2's template (ChatML with a default system turn), plus the tools block and the assistant's calls.
+_TOOLS_BLOCK = ("{{- " + json.dumps(TOOLS_INTRO) + " }}"
+                "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+                "{{- " + json.dumps(TOOLS_OUTRO) + " }}")
+# SmolLM2's template (ChatML with a default system turn), plus the tools block (in the default system turn or
+# the caller's) and the assistant's calls.
 TOOL_CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if loop.first and message['role'] != 'system' %}"
     "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM + "' }}"
-    "{%- if tools %}{{- " + json.dumps(TOOLS_INTRO) + " }}"
-    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
-    "{{- " + json.dumps(TOOLS_OUTRO) + " }}{%- endif %}"
+    "{%- if tools %}" + _TOOLS_BLOCK + "{%- endif %}"
     "{{- '<|im_end|>\\n' }}"
     "{%- endif %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') }}"
-    "{%- if loop.first and message['role'] == 'system' and tools %}{{- " + json.dumps(TOOLS_INTRO) + " }}"
-    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
-    "{{- " + json.dumps(TOOLS_OUTRO) + " }}{%- endif %}"
+    "{%- if loop.first and message['role'] == 'system' and tools %}" + _TOOLS_BLOCK + "{%- endif %}"
     "{%- if message['role'] == 'assistant' and message['tool_calls'] %}"
     "{%- for call in message['tool_calls'] %}"
     "{%- set function = call['function'] if call['function'] is defined else call %}"

@@ -17,11 +17,11 @@ from d2l_memory.benchmarks.common import best_of, environment, peak_rss, table
 from d2l_memory.d2l import DocToLoRA, micro_batches, shipped_checkpoint
 from d2l_memory.hypernet import HypernetConfig
 from d2l_memory.models import DEFAULT_MODEL, load_model
-from d2l_memory.training.data import shared_data
+from d2l_memory.training.data import essays
 
 
 def document(tokenizer, n_tokens: int) -> str:
-    text = " ".join(p.read_text() for p in sorted((shared_data() / "paul_graham_essays").glob("*.txt")))
+    text = " ".join(essays())
     while len(tokenizer(text, add_special_tokens=False)["input_ids"]) < n_tokens:
         text += " " + text
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from d2l_memory.compose import CONFIG_FILE, VLLM_RANKS, WEIGHTS_FILE, Composed, ComposedCache, vllm_rank
+from d2l_memory.compose import VLLM_RANKS, Composed, ComposedCache, vllm_rank
 from d2l_memory.engines.base import Adapter, Engine, GenerationParams, Message, render_chat
 from d2l_memory.errors import AdapterError, EngineError
-from d2l_memory.lora import LoRA
+from d2l_memory.lora import CONFIG_FILE, WEIGHTS_FILE, LoRA
 from d2l_memory.models import DEFAULT_MODEL, resolve
 from d2l_memory.tool_calls import tool_grammar
 

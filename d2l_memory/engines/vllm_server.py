@@ -50,11 +50,11 @@ import httpx
 import torch
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from d2l_memory.compose import VLLM_RANKS, WEIGHTS_FILE, Composed, ComposedCache, check_name
+from d2l_memory.compose import VLLM_RANKS, Composed, ComposedCache, check_name
 from d2l_memory.engines.base import Adapter, Engine, GenerationParams, Message, chat_messages
 from d2l_memory.engines.vllm_engine import CPU_MEMORY_SETTINGS, check_prefix_caching, check_targets, cpu_kv_cache_bytes
 from d2l_memory.errors import EngineError
-from d2l_memory.lora import LoRA
+from d2l_memory.lora import WEIGHTS_FILE, LoRA
 from d2l_memory.models import DEFAULT_MODEL, resolve
 from d2l_memory.tool_calls import TOOL_CHOICES, calls_text, tool_template_file, with_calls
 

@@ -35,7 +35,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -231,18 +230,11 @@ def _wheels(cache: Path, python: str) -> list[Path]:
 
 
 def _shard_specs(samples: list, split_name: str, seed: int, shard_size: int, control_frac: float) -> list[dict]:
-    # Drawn as `prepare.prepare` draws them (same names, same control questions per shard); the teacher runs there.
-    from d2l_memory.training.data import control_questions
+    # The shards `prepare.prepare` would write; the teacher runs there.
+    from d2l_memory.training.prepare import shard_plan
 
-    controls = [q for q, _ in control_questions(split_name)]
-    rng = random.Random(seed)
-    specs = []
-    for index, start in enumerate(range(0, len(samples), shard_size)):
-        group = samples[start : start + shard_size]
-        specs.append({"name": f"shard-{split_name}-{seed:03d}-{index:04d}",
-                      "samples": [s.model_dump() for s in group],
-                      "control": [rng.choice(controls) for _ in range(int(len(group) * control_frac))]})
-    return specs
+    return [{"name": name, "samples": [s.model_dump() for s in group], "control": control}
+            for name, group, control in shard_plan(samples, split_name, seed, shard_size, control_frac)]
 
 
 def _write_specs(path: Path, specs: list[dict]) -> None:
@@ -283,7 +275,7 @@ def prepare(out: Path, config: BurstConfig, repo: Path = REPO) -> Plan:
     """
     from d2l_memory.d2l import CONFIG, shipped_checkpoint
     from d2l_memory.hypernet import HypernetConfig
-    from d2l_memory.training.prepare import DEFAULT_MIX, GENERATED, build_mix
+    from d2l_memory.training.prepare import DEFAULT_MIX, draw, token_counter
     from d2l_memory.training.train import load_config
 
     rel_out = _relative_ignored(repo, out)
@@ -325,12 +317,10 @@ def prepare(out: Path, config: BurstConfig, repo: Path = REPO) -> Plan:
     (bundle / "burst.json").write_text(config.model_copy(update={"init_from": init, "init_sha256": init_sha})
                                        .model_dump_json(indent=1))
 
-    count = lambda text: len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    count = token_counter(loaded.tokenizer)
     mix = config.mix or DEFAULT_MIX
-    train_samples = build_mix(config.samples, config.seed, mix, needle_chars=(150, 3000), count_tokens=count)
-    eval_mix = {k: v for k, v in mix.items() if k in GENERATED}
-    eval_samples = build_mix(config.eval_samples, config.seed + 1, eval_mix, needle_chars=(150, 3000), split="eval",
-                             count_tokens=count)
+    train_samples = draw(config.samples, config.seed, mix, "train", count)
+    eval_samples = draw(config.eval_samples, config.seed + 1, mix, "eval", count)
     _write_specs(bundle / "train-shards.jsonl.gz",
                  _shard_specs(train_samples, "train", config.seed, config.shard_size, config.control_frac))
     _write_specs(bundle / "eval-shards.jsonl.gz",

@@ -28,7 +28,7 @@ from typing import Literal
 
 from faker import Faker
 
-from d2l_memory.training.data import Sample, shared_data
+from d2l_memory.training.data import Sample, bury, shared_data
 from d2l_memory.transcripts import render_tool_output, segment_turns, transcript_turns
 
 Split = Literal["train", "eval"]
@@ -640,13 +640,9 @@ def needle_sample(rng: random.Random, essays: Sequence[str], filler_chars: int, 
     used: list[str] = []
     statement, question, response, kind = _pick(NEEDLES, split, rng, used, "needle")
     person, value = draw_value("name", rng, split), draw_value(kind, rng, split)
-    essay = rng.choice(essays)
-    start = rng.randint(0, max(0, len(essay) - filler_chars))
-    filler = essay[start : start + filler_chars]
-    cut = filler.rfind(". ", 0, rng.randint(0, len(filler))) + 2 if filler else 0
-    needle = " " + statement.format(n=person, v=value) + " "
-    return Sample(context=(filler[:cut] + needle + filler[cut:]).strip(), question=question.format(n=person),
-                  answer=value, source="needle", response=response.format(n=person, v=value), templates=used)
+    context = bury(rng, essays, filler_chars, statement.format(n=person, v=value))
+    return Sample(context=context, question=question.format(n=person), answer=value, source="needle",
+                  response=response.format(n=person, v=value), templates=used)
 
 
 def held_out_templates() -> set[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -104,22 +104,28 @@ def fact_sample(rng: random.Random, max_facts: int = 3) -> Sample:
                   source="facts", response=ATTRIBUTES[key][0].format(name=name, value=values[key]))
 
 
-def _essays() -> list[str]:
+def essays() -> list[str]:
+    """Paul Graham's essays (`shared_data()/paul_graham_essays`): the filler needles are hidden in."""
     return [p.read_text() for p in sorted((shared_data() / "paul_graham_essays").glob("*.txt"))]
 
 
-def needle_sample(rng: random.Random, essays: list[str], filler_chars: int) -> Sample:
-    """A code hidden in essay filler of about `filler_chars` characters, at a random depth."""
-    name = rng.choice(FIRST)
-    code = str(rng.randint(1000, 99999))
+def bury(rng: random.Random, essays: Sequence[str], filler_chars: int, needle: str) -> str:
+    """`needle` (a sentence) between two sentences of about `filler_chars` characters of one of `essays`,
+    at a random depth."""
     essay = rng.choice(essays)
     start = rng.randint(0, max(0, len(essay) - filler_chars))
     filler = essay[start : start + filler_chars]
     cut = filler.rfind(". ", 0, rng.randint(0, len(filler))) + 2 if filler else 0
-    needle = f" The secret code of {name} is {code}. "
-    return Sample(context=(filler[:cut] + needle + filler[cut:]).strip(),
-                  question=f"What is the secret code of {name}?", answer=code, source="needle",
-                  response=needle.strip())
+    return f"{filler[:cut]} {needle} {filler[cut:]}".strip()
+
+
+def needle_sample(rng: random.Random, essays: Sequence[str], filler_chars: int) -> Sample:
+    """The first generation's needle: a code hidden in essay filler (`bury`)."""
+    name = rng.choice(FIRST)
+    code = str(rng.randint(1000, 99999))
+    needle = f"The secret code of {name} is {code}."
+    return Sample(context=bury(rng, essays, filler_chars, needle), question=f"What is the secret code of {name}?",
+                  answer=code, source="needle", response=needle)
 
 
 def squad_samples(path: Path, max_context_chars: int = 1500) -> Iterator[Sample]:

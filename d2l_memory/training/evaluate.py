@@ -42,6 +42,7 @@ from d2l_memory.training.cd import context_distill
 from d2l_memory.training.data import (
     Sample,
     control_questions,
+    essays,
     fact_sample,
     fairytale_samples,
     needle_sample,
@@ -178,8 +179,7 @@ def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 
         report["facts"] = evaluate_samples(d2l, [fact_sample(rng) for _ in range(n)], "contains", with_cd,
                                            cd_steps=cd_steps)
     if "needle" in tasks:
-        essays = [p.read_text() for p in sorted((shared_data() / "paul_graham_essays").glob("*.txt"))]
-        filler = " ".join(essays)
+        filler = " ".join(essays())
         for length in needle_lengths:
             samples = [needle_sample(rng, [filler], length * 4) for _ in range(max(4, n // 4))]
             fits = length <= d2l.max_positions - 256

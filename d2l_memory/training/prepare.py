@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from d2l_memory.training.data import (
     TRAIN_FILES,
     Sample,
     control_questions,
+    essays,
     fact_sample,
     fairytale_samples,
     needle_sample,
@@ -52,8 +53,7 @@ def build_mix(n: int, seed: int, mix: dict[str, float], needle_chars: tuple[int,
                           if len(s.answer) <= max_answer_chars]
     if mix.get("fairytale"):
         pools["fairytale"] = list(fairytale_samples(shared_data() / FAIRYTALE_TRAIN_FILE, max_context_chars))
-    essays = [p.read_text() for p in sorted((shared_data() / "paul_graham_essays").glob("*.txt"))] \
-        if mix.get("needle") or mix.get("needles") else []
+    filler = essays() if mix.get("needle") or mix.get("needles") else []
     names, weights = zip(*[(k, v) for k, v in mix.items() if v > 0], strict=True)
     out: list[Sample] = []
     for _ in range(n):
@@ -65,14 +65,42 @@ def build_mix(n: int, seed: int, mix: dict[str, float], needle_chars: tuple[int,
         elif kind == "tool":
             out.append(conversations.tool_sample(rng, split))
         elif kind == "needles":
-            out.append(conversations.needle_sample(rng, essays, rng.randint(*needle_chars), split))
+            out.append(conversations.needle_sample(rng, filler, rng.randint(*needle_chars), split))
         elif kind == "facts":
             out.append(fact_sample(rng))
         elif kind == "needle":
-            out.append(needle_sample(rng, essays, rng.randint(*needle_chars)))
+            out.append(needle_sample(rng, filler, rng.randint(*needle_chars)))
         else:
             out.append(rng.choice(pools[kind]))
     return out
+
+
+def draw(n: int, seed: int, mix: dict[str, float], split: conversations.Split, count_tokens: Callable[[str], int],
+         needle_chars: tuple[int, int] = (150, 3000)) -> list[Sample]:
+    """The samples of a `prepare` run: `build_mix` with only the generated sources on the eval split (the
+    held-out phrasings and values live there; the reading sets have no held-out half)."""
+    if split == "eval":
+        mix = {k: v for k, v in mix.items() if k in GENERATED}
+    return build_mix(n, seed, mix, needle_chars=needle_chars, split=split, count_tokens=count_tokens)
+
+
+def shard_plan(samples: Sequence[Sample], split: conversations.Split, seed: int, shard_size: int,
+               control_frac: float) -> list[tuple[str, list[Sample], list[str]]]:
+    """`(name, samples, control questions)` of each shard, in order (names and draws fixed by the seed, so
+    that a resumed `prepare` and a burst's bundle make the same shards)."""
+    controls = [q for q, _ in control_questions(split)]
+    rng = random.Random(seed)
+    plan = []
+    for index, start in enumerate(range(0, len(samples), shard_size)):
+        group = list(samples[start : start + shard_size])
+        plan.append((f"shard-{split}-{seed:03d}-{index:04d}", group,
+                     [rng.choice(controls) for _ in range(int(len(group) * control_frac))]))
+    return plan
+
+
+def token_counter(tokenizer) -> Callable[[str], int]:
+    """Tokens of a text without special tokens (what segment budgets count)."""
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def prepare(out: Path, n: int, shard_size: int, seed: int, mix: dict[str, float], control_frac: float,
@@ -80,18 +108,11 @@ def prepare(out: Path, n: int, shard_size: int, seed: int, mix: dict[str, float]
             split: conversations.Split = "train") -> None:
     """Write `n` samples (before teacher filtering) as shards of `shard_size`; existing shards are kept."""
     model = load_model(model_name)
-    count = lambda text: len(model.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    if split == "eval":
-        mix = {k: v for k, v in mix.items() if k in GENERATED}
-    samples = build_mix(n, seed, mix, needle_chars=needle_chars, split=split, count_tokens=count)
-    controls = [q for q, _ in control_questions(split)]
-    rng = random.Random(seed)
-    for index, start in enumerate(range(0, n, shard_size)):
-        path = out / f"shard-{split}-{seed:03d}-{index:04d}"
+    samples = draw(n, seed, mix, split, token_counter(model.tokenizer), needle_chars)
+    for name, group, control in shard_plan(samples, split, seed, shard_size, control_frac):
+        path = out / name
         if path.with_suffix(".jsonl").exists():
             continue
-        group = samples[start : start + shard_size]
-        control = [rng.choice(controls) for _ in range(int(len(group) * control_frac))]
         counts = build_shard(model, group, path, control=control)
         print(f"{path.name}: {counts}", flush=True)
 
