@@ -39,6 +39,8 @@ from d2l_memory.transcripts import render_tool_output, segment_turns, transcript
 
 log = logging.getLogger(__name__)
 
+PUBLISHED_NAMES = 10_000  # recipe names a process remembers having recorded in the store
+
 
 class MemoryConfig(BaseModel):
     """Settings of a `D2LMemory` (all have defaults that work on a laptop CPU).
@@ -157,6 +159,7 @@ class D2LMemory:
         self._engine: Engine | None = engine if isinstance(engine, Engine) else None
         self._d2l: DocToLoRA | None = None
         self._closed = False
+        self._published: set[str] = set()
         # Loading takes seconds and a model's worth of memory: one thread loads, the others wait for it.
         self._loading = threading.Lock()
         storage = {key: value.get_secret_value() for key, value in self.config.storage_options.items()}
@@ -402,6 +405,7 @@ class D2LMemory:
                                 hypernet=self.d2l.checksum, rank_budget=self.config.rank_budget)
                 try:
                     adapter = self.cache.get_or_compose(recipe, self.store)
+                    self._publish(recipe)
                 except MemoryNotFoundError:
                     if attempt:
                         raise
@@ -413,6 +417,16 @@ class D2LMemory:
         if snippets:
             content = QA_TEMPLATE.format(context=self._fit("\n\n".join(snippets)), question=message)
         return [*map(dict, history), {"role": "user", "content": content}], adapter
+
+    def _publish(self, recipe: Recipe) -> None:
+        # Recorded in the store so that a server replica with a cache of its own (no shared folder) builds
+        # the adapter by name; once per name and process, as the store keeps it until a member is erased.
+        if recipe.name in self._published:
+            return
+        self.store.put_recipe(recipe.name, recipe.model_dump_json(), recipe.memory_ids)
+        if len(self._published) >= PUBLISHED_NAMES:
+            self._published.clear()
+        self._published.add(recipe.name)
 
     def _fit(self, text: str) -> str:
         ids = plain_ids(self.d2l.base.tokenizer, text)

@@ -7,13 +7,17 @@ Tables (all in one LanceDB database, i.e. one directory or one `s3://` / `db://`
   text's embedding and its parts' embeddings (`parts`, a multivector column: a memory scores by its
   best-matching sentence), the adapter's checksum and shape. No adapter bytes: search reads small files.
 - `adapters` (`AdapterRow`): the adapter's safetensors bytes per memory id, in a Lance blob v2 column.
+- `recipes` (`RecipeRow`): what each composed adapter served by name is made of (member ids and
+  weights, no text), so that a server replica that never composed it builds it from `adapters`; erased
+  with any of its members.
 - `meta` (`MetaRow`): key/value strings; `schema_version` is the one every open checks.
 
 A memory is written adapter first, row second, and erased row first, adapter second: the `memories` row
 is the commit point, so after a crash a memory is whole or absent. An adapter left without a row (a crash
 between the two writes or erases) is invisible and is swept by `MemoryStore.optimize`.
 
-`SCHEMA_VERSION` changes whenever a table's schema changes. Opening a store written with another version
+`SCHEMA_VERSION` changes whenever a table's schema changes (a new table is created on open and is no
+change: older releases ignore it). Opening a store written with another version
 raises `d2l_memory.errors.SchemaVersionError`; an older store opens with `migrate=True` when
 `store.migrations.MIGRATIONS` holds a step from each version to the next.
 """
@@ -37,6 +41,7 @@ from d2l_memory.lora import LoRA
 SCHEMA_VERSION = 2
 MEMORIES_TABLE = "memories"
 ADAPTERS_TABLE = "adapters"
+RECIPES_TABLE = "recipes"
 META_TABLE = "meta"
 VERSION_KEY = "schema_version"
 STABLE_ROW_IDS = {"new_table_enable_stable_row_ids": "true"}  # blob fetches by row id survive compaction
@@ -85,6 +90,19 @@ class AdapterRow(LanceModel):
         """The Arrow schema LanceDB creates the table with: `adapter` becomes a blob v2 column."""
         schema = super().to_arrow_schema()
         return schema.set(schema.get_field_index("adapter"), lancedb.blob("adapter", nullable=False))
+
+
+class RecipeRow(LanceModel):
+    """A composed adapter's recipe: the `recipes` table's schema, keyed by the adapter's name.
+
+    `recipe` is the `compose.Recipe` as JSON (the store does not read it); `members` lists its memory ids,
+    so that erasing a memory erases every recipe that holds it.
+    """
+
+    name: str
+    recipe: str
+    members: list[str]
+    created_at: datetime = Field(json_schema_extra={"tz": "UTC"})
 
 
 class MetaRow(LanceModel):

@@ -52,6 +52,7 @@ from d2l_memory.store.schema import (
     ADAPTERS_TABLE,
     MEMORIES_TABLE,
     META_TABLE,
+    RECIPES_TABLE,
     RECORD_COLUMNS,
     SCHEMA_VERSION,
     STABLE_ROW_IDS,
@@ -60,6 +61,7 @@ from d2l_memory.store.schema import (
     MemoryInput,
     MemoryRow,
     MetaRow,
+    RecipeRow,
     StoredMemory,
 )
 from d2l_memory.transcripts import retrieval_parts
@@ -183,9 +185,11 @@ class MemoryStore:
                                    **dict(connect_options or {}))
         self._tbl: Any = None
         self._adapters: Any = None
+        self._recipes: Any = None
         self._meta = self._open_meta(migrate)
         self._tbl = self._open_table(MEMORIES_TABLE, MemoryRow)
         self._adapters = self._open_table(ADAPTERS_TABLE, AdapterRow)
+        self._recipes = self._open_table(RECIPES_TABLE, RecipeRow)
 
     def _open_table(self, name: str, schema: type) -> Any:
         # an existing table is opened as it is: a migrated one holds the same columns in another order
@@ -281,6 +285,12 @@ class MemoryStore:
         if self._adapters is None:
             raise D2LMemoryError("this MemoryStore is closed")
         return self._adapters
+
+    @property
+    def _recipe_table(self) -> Any:
+        if self._recipes is None:
+            raise D2LMemoryError("this MemoryStore is closed")
+        return self._recipes
 
     @property
     def embedder(self) -> Embedder:
@@ -415,6 +425,34 @@ class MemoryStore:
             ValueError: an id that is not a uuid hex string.
         """
         return self._ids_in(self._table, memory_ids)
+
+    # -- recipes of composed adapters ----------------------------------------------------------------
+    def put_recipe(self, name: str, recipe: str, members: Sequence[str]) -> None:
+        """Record that the composed adapter `name` is made by `recipe` (`compose.Recipe` JSON) from the
+        memories `members`, so that any server replica of this store can build it by name; idempotent.
+        Erasing any member erases the recipe.
+
+        Raises:
+            ValueError: a member id that is not a uuid hex string, or no members.
+        """
+        if not members:
+            raise ValueError("a recipe needs at least one member")
+        row = {"name": name, "recipe": recipe, "members": [check_id(m) for m in members],
+               "created_at": datetime.now(UTC)}
+        retrying(lambda: self._recipe_table.merge_insert("name").when_not_matched_insert_all().execute([row]),
+                 "writing a recipe")
+
+    def get_recipe(self, name: str) -> str | None:
+        """The recipe recorded under `name` by `put_recipe`, or None (never recorded, or erased)."""
+        rows = self._recipe_table.search().where(f"name = {sql(name)}").select(["recipe"]).limit(1)
+        found = rows.to_arrow().column("recipe").to_pylist()
+        return found[0] if found else None
+
+    def _drop_recipes(self, ids: _Ids) -> None:
+        for chunk in chunks(ids):
+            members = ", ".join(sql(i) for i in chunk)
+            retrying(lambda members=members: self._recipe_table.delete(f"array_has_any(members, [{members}])"),
+                     "delete recipes")
 
     # -- reading -------------------------------------------------------------------------------------
     def _rows(self, where: str, columns: Sequence[str]) -> _Rows:
@@ -700,6 +738,7 @@ class MemoryStore:
             files.adapters |= self._fragments(self._adapter_table, ids)
         deleted = self._delete_where(self._table, ids)
         self._delete_where(self._adapter_table, ids)
+        self._drop_recipes(ids)
         return deleted
 
     @staticmethod
@@ -805,8 +844,11 @@ class MemoryStore:
 
     def sweep_orphans(self, *, older_than: timedelta = timedelta(minutes=1)) -> int:
         """Drop adapters whose memory row does not exist (an add or erase killed between its two commits)
-        and that are older than `older_than` (younger ones may belong to an add still in flight); returns
-        how many went."""
+        and that are older than `older_than` (younger ones may belong to an add still in flight), and
+        recipes with a member that does not exist (recorded while it was being erased); returns how many
+        adapters went."""
+        # recipes read first: one recorded after this read has members that exist in the next one
+        recipes = self._recipe_table.search().select(["members"]).to_arrow().to_pylist()
         have = set(self._table.search().select(["id"]).to_arrow().column("id").to_pylist())
         cutoff = datetime.now(UTC) - older_than
         orphans = [row["id"] for row in
@@ -816,6 +858,9 @@ class MemoryStore:
             log.warning("dropping %d adapters without a memory in %s (a write or erase was interrupted)",
                         len(orphans), self.uri)
             self._delete_where(self._adapter_table, orphans)
+        gone = {m for row in recipes for m in row["members"] if m not in have}
+        if gone:
+            self._drop_recipes(sorted(gone))
         return len(orphans)
 
     def optimize(self, *, older_than: timedelta = timedelta(minutes=1)) -> None:
@@ -831,7 +876,7 @@ class MemoryStore:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*cleanup_older_than.*", category=UserWarning)
             for table, what in ((self._table, "optimize"), (self._adapter_table, "optimize adapters"),
-                                (self._meta, "optimize meta")):
+                                (self._recipe_table, "optimize recipes"), (self._meta, "optimize meta")):
                 retrying(lambda table=table: table.optimize(cleanup_older_than=older_than), what)
         rows = self._table.count_rows()
         if "parts" in self._index_columns(self._table):
@@ -846,6 +891,7 @@ class MemoryStore:
         """Release the tables; further use raises D2LMemoryError. Safe to call twice."""
         self._tbl = None
         self._adapters = None
+        self._recipes = None
         self._meta = None
 
     def __enter__(self) -> MemoryStore:
