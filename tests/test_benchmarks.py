@@ -28,7 +28,7 @@ def _run_main(module, tmp_path, monkeypatch, *extra: str) -> dict:
 
 def test_registry_names_every_benchmark_module():
     for name in ("internalize", "locomo", "longmemeval", "needle", "cost", "gate", "composition", "store",
-                 "train-throughput"):
+                 "train-throughput", "recall", "object-store", "resolve"):
         module = __import__(BENCHMARKS[name], fromlist=["main"])
         assert callable(module.main)
 
