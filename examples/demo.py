@@ -17,9 +17,13 @@ import tempfile
 import time
 
 from rich.console import Console
+from rich.padding import Padding
+from rich.text import Text
 
 from d2l_memory import MODES, D2LMemory
 from d2l_memory.scoring import contains
+
+ANSWER_INDENT = 11  # under the mode column, so that a wrapped answer stays in its own block
 
 SESSIONS = [  # (session, user, what the user said, the assistant's reply)
     ("monday", "alice", "Hi! My name is Alice. My favorite color is teal and I live in Lisbon.", "Nice to meet you!"),
@@ -56,6 +60,7 @@ def main() -> None:
         with console.status("Loading SmolLM2-135M-Instruct, the hypernetwork, the embedder and the store "
                             "(the model is converted once, on the first run)"):
             mem = D2LMemory(path)
+            mem.load()  # loading is lazy: done here, so that the first absorb's time is its own
         console.print(f"Ready in {time.perf_counter() - start:.1f} s.\n")
         with mem:
             console.rule("The users talk; each conversation is absorbed into adapters")
@@ -63,7 +68,8 @@ def main() -> None:
                 start = time.perf_counter()
                 [record] = mem.absorb_messages([("user", said), ("assistant", reply)], user_id=user,
                                                session_id=session, roles=("user",))
-                console.print(f"[bold]{user}[/], {session}: {said}")
+                console.print(f"[bold]{user}[/], {session}:")
+                console.print(Padding(Text(said), (0, 0, 0, 2)))
                 console.print(f"  -> memory of rank {record.rank}, absorbed in {time.perf_counter() - start:.2f} s",
                               style="dim")
             console.rule("A fresh conversation: what does the assistant remember?")
@@ -80,7 +86,7 @@ def main() -> None:
                     mark = "[green]holds it[/]" if ok else "[red]misses it[/]"
                     console.print(f"  [bold]{mode:<8}[/] {mark}  [dim]{prompt_tokens} prompt tokens, "
                                   f"{time.perf_counter() - start:.1f} s[/]")
-                    console.print(f"           {answer}", soft_wrap=False)
+                    console.print(Padding(Text(answer), (0, 0, 0, ANSWER_INDENT)))
             console.rule("Answers that hold the expected fact")
             for mode in MODES:
                 console.print(f"  {mode:<8} {held[mode]} of {len(QUESTIONS)}")
@@ -88,7 +94,8 @@ def main() -> None:
             removed = mem.forget(user_id="alice")
             answer = mem.chat("What is my favorite color?", user_id="alice", mode="context", max_new_tokens=32)
             console.print(f"Removed {removed} memories; recall now finds "
-                          f"{len(mem.recall('favorite color', user_id='alice'))}. Asked again: {answer.strip()}")
+                          f"{len(mem.recall('favorite color', user_id='alice'))}. Asked again:")
+            console.print(Padding(Text(answer.strip()), (0, 0, 0, ANSWER_INDENT)))
 
 
 if __name__ == "__main__":
