@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from chats import BASE, COLOR, FRANCE, HELLO, SHORT
+from chats import BASE, COLOR, FRANCE, HELLO, SHORT, down_proj_lora
 
 from d2l_memory.compose import ComposedCache, Recipe
 from d2l_memory.engines import GenerationParams, make_engine
@@ -18,14 +18,6 @@ pytestmark = pytest.mark.slow
 
 
 
-def random_lora(seed: int, std: float) -> LoRA:
-    """A rank-8 adapter on every MLP down_proj, strong enough to change greedy answers."""
-    g = torch.Generator().manual_seed(seed)
-    return LoRA({f"model.layers.{i}.mlp.down_proj": (torch.randn(8, 1536, generator=g) * std,
-                                                      torch.randn(576, 8, generator=g) * std)
-                 for i in range(30)}, base_model=BASE)
-
-
 @pytest.fixture(scope="module")
 def engine() -> TransformersEngine:
     return TransformersEngine(BASE)
@@ -33,7 +25,7 @@ def engine() -> TransformersEngine:
 
 @pytest.fixture(scope="module")
 def adapters() -> dict[str, LoRA | None]:
-    return {"base": None, "a": random_lora(1, 0.05), "b": random_lora(6, 0.08)}
+    return {"base": None, "a": down_proj_lora(1, 0.05), "b": down_proj_lora(6, 0.08)}
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +121,7 @@ def test_bad_requests_are_refused(engine: TransformersEngine) -> None:
     with pytest.raises(AdapterError):
         engine.generate(FRANCE, wrong_shape)
     with pytest.raises(AdapterError):
-        engine.generate(FRANCE, LoRA(random_lora(1, 0.05).weights, base_model="another-model"))
+        engine.generate(FRANCE, LoRA(down_proj_lora(1, 0.05).weights, base_model="another-model"))
     with pytest.raises(ValueError):
         make_engine("tgi")  # type: ignore[arg-type]
 

@@ -8,14 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
+from chats import LoopbackServer, QuietHandler
 from test_compose import BASE, MODULES, Source, mid, random_lora
 from typer.testing import CliRunner
 
@@ -163,14 +162,14 @@ def test_a_corrupted_entry_is_rebuilt_never_served(tmp_path) -> None:
     assert set(meta["sha256"]) == {"adapter_model.safetensors", "adapter_config.json"}
 
 
-class Replica:
+class Replica(LoopbackServer):
     """A stand-in vLLM server that records unload requests; `loaded` names answer 200, others 404."""
 
     def __init__(self, loaded: set[str]) -> None:
         self.loaded, self.unloaded = set(loaded), []
         replica = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 assert self.path == "/v1/unload_lora_adapter"
@@ -182,16 +181,7 @@ class Replica:
                 self.end_headers()
                 self.wfile.write(b"{}")
 
-            def log_message(self, *args) -> None:
-                pass
-
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture

@@ -12,17 +12,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from chats import BASE
+from chats import BASE, LoopbackServer, QuietHandler, down_proj_lora
 
 from d2l_memory.compose import ComposedCache, Recipe
 from d2l_memory.engines.resolver_plugin import D2LResolver
-from d2l_memory.lora import LoRA
 from d2l_memory.store import MemoryStore
 
 KEY = "replica-test-key-41d9"
@@ -30,17 +28,10 @@ SWEEP_S = 0.5
 VECTOR = [1.0] + [0.0] * 383
 
 
-def small_lora(seed: int) -> LoRA:
-    g = torch.Generator().manual_seed(seed)
-    return LoRA({f"model.layers.{i}.mlp.down_proj": (torch.randn(8, 1536, generator=g) * 0.04,
-                                                      torch.randn(576, 8, generator=g) * 0.04)
-                 for i in range(30)}, base_model=BASE)
-
-
 # -- the recipe table and the resolver, without vLLM -------------------------------------------------
 def test_a_cache_that_never_composed_a_name_builds_it_from_the_recipe_in_the_store(tmp_path: Path) -> None:
     store = MemoryStore(tmp_path / "db")
-    ids = [store.add("alice", small_lora(seed), vector=VECTOR).id for seed in (1, 2)]
+    ids = [store.add("alice", down_proj_lora(seed, 0.04), vector=VECTOR).id for seed in (1, 2)]
     recipe = Recipe(members=((ids[0], 0.5), (ids[1], 0.5)), base_model=BASE)
     ComposedCache(tmp_path / "app").get_or_compose(recipe, store)
     store.put_recipe(recipe.name, recipe.model_dump_json(), recipe.memory_ids)
@@ -62,7 +53,7 @@ def test_a_cache_that_never_composed_a_name_builds_it_from_the_recipe_in_the_sto
 
 def test_optimize_drops_a_recipe_recorded_while_its_member_was_erased(tmp_path: Path) -> None:
     store = MemoryStore(tmp_path / "db")
-    kept, gone = (store.add("alice", small_lora(seed), vector=VECTOR).id for seed in (1, 2))
+    kept, gone = (store.add("alice", down_proj_lora(seed, 0.04), vector=VECTOR).id for seed in (1, 2))
     store.delete(gone)
     store.put_recipe("d2l-late", "{}", [kept, gone])  # written by a process that composed before the erase
     store.put_recipe("d2l-fine", "{}", [kept])
@@ -71,7 +62,7 @@ def test_optimize_drops_a_recipe_recorded_while_its_member_was_erased(tmp_path: 
 
 
 # -- two real replicas --------------------------------------------------------------------------------
-class RoundRobin:
+class RoundRobin(LoopbackServer):
     """A plain HTTP balancer: each request goes to the next backend in turn, headers and body as they are."""
 
     def __init__(self, backends: list[str]) -> None:
@@ -81,7 +72,7 @@ class RoundRobin:
         self._lock = threading.Lock()
         balancer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def _forward(self) -> None:
                 with balancer._lock:
                     backend = balancer.backends[balancer._turn % len(balancer.backends)]
@@ -99,16 +90,7 @@ class RoundRobin:
 
             do_GET = do_POST = _forward
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
+        super().__init__(Handler)
 
 
 def eventually(check: Callable[[], bool], timeout_s: float = 30.0) -> bool:

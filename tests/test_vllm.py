@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from chats import ASK_ORDER, BASE, CALL_ORDER, COLOR, FRANCE, HELLO, ORDER_CALL, SHORT
+from chats import ASK_ORDER, BASE, CALL_ORDER, COLOR, FRANCE, HELLO, ORDER_CALL, SHORT, down_proj_lora
 
 from d2l_memory.compose import ComposedCache, Recipe
 from d2l_memory.engines.resolver_plugin import D2LResolver, register
@@ -41,13 +41,6 @@ def no_vllm_environment() -> Iterator[None]:
         yield
 
 
-def random_lora(seed: int, std: float, scale: float = 1.0) -> LoRA:
-    g = torch.Generator().manual_seed(seed)
-    return LoRA({f"model.layers.{i}.mlp.down_proj": (torch.randn(8, 1536, generator=g) * std,
-                                                      torch.randn(576, 8, generator=g) * std)
-                 for i in range(30)}, scale=scale, base_model=BASE)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A real store with three memories, a cache wired to its erasures, and two composed adapters.
@@ -61,7 +54,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     store = MemoryStore(root / "db")
     cache = ComposedCache(root / "composed")
     store.on_erase(cache.erase)
-    ids = [store.add("alice", random_lora(seed, std, scale=2.0), vector=VECTOR).id
+    ids = [store.add("alice", down_proj_lora(seed, std, scale=2.0), vector=VECTOR).id
            for seed, std in ((1, 0.035), (6, 0.056), (3, 0.04))]
     first = cache.get_or_compose(Recipe(members=((ids[0], 1.0), (ids[2], 0.5)), base_model=BASE), store)
     second = cache.get_or_compose(Recipe(members=((ids[1], 1.0),), base_model=BASE), store)
@@ -153,7 +146,7 @@ def test_offline_stream_eviction_and_adapters_it_cannot_serve(offline, world: di
     offline.evict([request.lora_name])
     assert request.lora_int_id not in offline.llm.llm_engine.list_loras()
     too_big = LoRA({m: (torch.zeros(40, a.shape[1]), torch.zeros(b.shape[0], 40))
-                    for m, (a, b) in random_lora(1, 0.01).weights.items()}, base_model=BASE)
+                    for m, (a, b) in down_proj_lora(1, 0.01).weights.items()}, base_model=BASE)
     with pytest.raises(AdapterError, match="rank"):
         offline.generate(FRANCE, too_big, SHORT)
     attention = LoRA({"model.layers.0.self_attn.q_proj": (torch.zeros(8, 576), torch.zeros(576, 8))},
