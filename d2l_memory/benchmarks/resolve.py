@@ -25,7 +25,7 @@ import torch
 
 from d2l_memory.benchmarks.common import environment, percentile, save_json, table
 from d2l_memory.compose import ComposedCache, Recipe
-from d2l_memory.engines.vllm_server import ServerConfig, VLLMServer, unload_adapters
+from d2l_memory.engines.vllm_server import ServerConfig, VLLMServer, auth_headers, unload_adapters
 from d2l_memory.lora import LoRA
 from d2l_memory.models import DEFAULT_MODEL
 from d2l_memory.store import MemoryStore
@@ -41,9 +41,9 @@ def member(seed: int, layers: int = 30) -> LoRA:
                  for i in range(layers)}, base_model=DEFAULT_MODEL)
 
 
-def _ask(url: str, name: str) -> float:
-    start = time.perf_counter()
-    reply = httpx.post(f"{url}/v1/chat/completions", timeout=300,
+def _ask(server: VLLMServer, name: str) -> float:
+    start = time.perf_counter()  # the server's key is $D2L_MEMORY_API_KEY, when the environment sets one
+    reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=300, headers=auth_headers(server.config.api_key),
                        json={"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
     reply.raise_for_status()
     return time.perf_counter() - start
@@ -63,12 +63,12 @@ def run(adapters: int, members: int) -> dict[str, Any]:
                               env={"D2L_MEMORY_STORE_URI": str(Path(root) / "db"), "D2L_MEMORY_SWEEP_S": "0"})
         times: dict[str, list[float]] = {case: [] for case in CASES}
         with VLLMServer(config, cache) as server:
-            _ask(server.url, DEFAULT_MODEL)  # the first request warms the server up
+            _ask(server, DEFAULT_MODEL)  # the first request warms the server up
             for name in names:
-                times["from the store"].append(_ask(server.url, name))
-                times["loaded"].append(_ask(server.url, name))
-                unload_adapters(server.url, [name])
-                times["from the cache"].append(_ask(server.url, name))
+                times["from the store"].append(_ask(server, name))
+                times["loaded"].append(_ask(server, name))
+                unload_adapters(server.url, [name], server.config.api_key)
+                times["from the cache"].append(_ask(server, name))
         ms = {case: {"p50": 1e3 * percentile(t, 50), "p95": 1e3 * percentile(t, 95)} for case, t in times.items()}
     return {"benchmark": "resolve", "environment": environment(), "adapters": adapters, "members": members,
             "member_bytes": len(member(0).to_bytes()), "ms": ms}

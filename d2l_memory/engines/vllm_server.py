@@ -204,7 +204,8 @@ class ServerReplyError(EngineError):
         self.status = status
 
 
-def _auth(key: SecretStr | None) -> dict[str, str]:
+def auth_headers(key: SecretStr | None) -> dict[str, str]:
+    """The bearer-token header a server with `key` wants (none without a key)."""
     return {"Authorization": f"Bearer {key.get_secret_value()}"} if key is not None else {}
 
 
@@ -215,7 +216,7 @@ def unload_adapters(url: str, names: Iterable[str], api_key: SecretStr | None = 
         EngineError: the server refused (e.g. 401 without its key) or did not answer.
     """
     path = "/v1/unload_lora_adapter"
-    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s, headers=_auth(api_key)) as http:
+    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s, headers=auth_headers(api_key)) as http:
         for name in names:
             try:
                 reply = http.post(path, json={"lora_name": check_name(name)})
@@ -445,7 +446,7 @@ class VLLMServerEngine(Engine):
         self.model_id = model or (self.server.config.model if self.server else DEFAULT_MODEL)
         self.cache = cache or (self.server.cache if self.server else ComposedCache())
         self._key = key
-        self.http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=_auth(key))
+        self.http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=auth_headers(key))
 
     # -- adapters ------------------------------------------------------------------------------
     def adapter_name(self, adapter: Adapter | None) -> str:
