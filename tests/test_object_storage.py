@@ -32,7 +32,14 @@ from pathlib import Path
 
 import pytest
 from pyarrow import fs as pafs
-from test_store import SHAPES, _writers, check_whole_after_kill, fingerprint, kill_writer_mid_add, make_lora
+from test_store import (
+    SHAPES,
+    check_concurrent_writers,
+    check_whole_after_kill,
+    fingerprint,
+    kill_writer_mid_add,
+    make_lora,
+)
 from typer.testing import CliRunner
 
 from d2l_memory import D2LMemory
@@ -294,19 +301,7 @@ def test_a_v1_store_in_a_bucket_migrates_with_nothing_lost(s3: S3, embedder: Emb
 
 @pytest.mark.slow
 def test_two_writer_processes_on_one_bucket_lose_and_duplicate_nothing(aws_env: S3) -> None:
-    uri = aws_env.uri()
-    MemoryStore(uri).close()  # from the environment, as the workers open it
-    writers = _writers(uri, 2, 25)
-    out, err = writers.communicate(timeout=300)
-    assert writers.returncode == 0, err[-2000:]
-    printed = [line for line in out.splitlines() if not line.startswith("pid ")]
-    assert len(printed) == 50 and len(set(printed)) == 50
-    with MemoryStore(uri) as store:
-        stored = store._table.search().select(["id"]).to_arrow().column("id").to_pylist()
-        assert len(stored) == 50 and set(stored) == set(printed)
-        assert [store.count(f"user{w}") for w in range(2)] == [25, 25]
-        assert store._adapter_table.count_rows() == 50
-        assert len(store.get_adapters(stored, base_model="tiny", hypernet="h1")) == 50
+    check_concurrent_writers(aws_env.uri(), 2, 25)
 
 
 @pytest.mark.slow

@@ -387,18 +387,26 @@ def _writers(uri: Path | str, workers: int, n: int, size: int = 8) -> subprocess
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
 
 
-def test_four_writer_processes(tmp_path: Path) -> None:
-    uri = tmp_path / "s"
-    MemoryStore(uri).close()
-    writers = _writers(uri, 4, 50)
+def check_concurrent_writers(uri: Path | str, workers: int, each: int) -> None:
+    """`workers` writer processes add `each` memories each to one store: nothing lost, nothing duplicated,
+    every row with its adapter."""
+    MemoryStore(uri).close()  # created before the workers open it (as they do: from the environment on S3)
+    writers = _writers(uri, workers, each)
     out, err = writers.communicate(timeout=300)
     assert writers.returncode == 0, err[-2000:]
     printed = [line for line in out.splitlines() if not line.startswith("pid ")]
-    assert len(printed) == 200 and len(set(printed)) == 200
+    total = workers * each
+    assert len(printed) == total and len(set(printed)) == total
     with MemoryStore(uri) as store:
         stored = store._table.search().select(["id"]).to_arrow().column("id").to_pylist()
-        assert len(stored) == 200 and set(stored) == set(printed)
-        assert [store.count(f"user{w}") for w in range(4)] == [50] * 4
+        assert len(stored) == total and set(stored) == set(printed)
+        assert [store.count(f"user{w}") for w in range(workers)] == [each] * workers
+        assert store._adapter_table.count_rows() == total
+        assert len(store.get_adapters(stored, base_model="tiny", hypernet="h1")) == total
+
+
+def test_four_writer_processes(tmp_path: Path) -> None:
+    check_concurrent_writers(tmp_path / "s", 4, 50)
 
 
 def kill_writer_mid_add(uri: Path | str, lines: int, max_sleep_s: float) -> list[str]:
