@@ -80,7 +80,7 @@ class BurstConfig(BaseModel):
     shard_size: int = Field(400, ge=1)
     mix: dict[str, float] | None = Field(None, description="source proportions of the training samples "
                                          "(default: prepare.DEFAULT_MIX)")
-    control_frac: float = 0.1
+    control_frac: float = 0.2
     seed: int = 100
     init_from: Path | None = Field(None, description="hypernetwork to continue (default: the one shipped for "
                                    "the base model, if any)")

@@ -88,7 +88,7 @@ def shard_plan(samples: Sequence[Sample], split: conversations.Split, seed: int,
                control_frac: float) -> list[tuple[str, list[Sample], list[str]]]:
     """`(name, samples, control questions)` of each shard, in order (names and draws fixed by the seed, so
     that a resumed `prepare` and a burst's bundle make the same shards)."""
-    controls = [q for q, _ in control_questions(split)]
+    controls = control_prompts(split)
     rng = random.Random(seed)
     plan = []
     for index, start in enumerate(range(0, len(samples), shard_size)):
@@ -96,6 +96,19 @@ def shard_plan(samples: Sequence[Sample], split: conversations.Split, seed: int,
         plan.append((f"shard-{split}-{seed:03d}-{index:04d}", group,
                      [rng.choice(controls) for _ in range(int(len(group) * control_frac))]))
     return plan
+
+
+def control_prompts(split: conversations.Split) -> list[str]:
+    """Questions unrelated to any memory, whose teacher is the base model without context: an unrelated
+    adapter must leave its answers alone. Training draws from the general questions' training half and
+    the training passages' own questions asked without their passage (thousands, so that the student
+    learns to leave every unrelated question alone, not a few dozen); the held-out shard only from the
+    general questions' other half, which the interference evaluation asks."""
+    general = [q for q, _ in control_questions(split)]
+    if split == "eval":
+        return general
+    asked = {s.question.strip() for f in TRAIN_FILES for s in squad_samples(shared_data() / f)}
+    return general + sorted(asked)
 
 
 def token_counter(tokenizer) -> Callable[[str], int]:
@@ -124,7 +137,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", choices=["train", "eval"], default="train")
-    parser.add_argument("--control-frac", type=float, default=0.1)
+    parser.add_argument("--control-frac", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="the base model whose teacher targets the shards "
                         "hold (registry name, directory or hub id): train the hypernetwork for that model on them")
