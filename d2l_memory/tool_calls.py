@@ -233,6 +233,19 @@ def tool_grammar(tools: Sequence[Mapping[str, Any]], tool_choice: str = "auto", 
     return "\n".join(rules) + "\n"
 
 
+def json_grammar(schema: Mapping[str, Any]) -> str:
+    """The Lark grammar of an answer that is one JSON value valid against `schema` (structured output), written
+    as tool arguments are (`JSON_STYLE`), with `additionalProperties: false` where `strict_schema` sets it.
+
+    Raises:
+        ValueError: `schema` is not a JSON object schema (a mapping).
+    """
+    if not isinstance(schema, Mapping):
+        raise ValueError(f"a JSON schema must be a mapping, got {type(schema).__name__}")
+    constrained = {**strict_schema(dict(schema)), "x-guidance": JSON_STYLE}
+    return f"%llguidance {{}}\nstart: %json {json.dumps(constrained, ensure_ascii=False)}\n"
+
+
 def _arguments_schema(tool: Mapping[str, Any]) -> dict[str, Any]:
     parameters = tool["function"].get("parameters") or {"type": "object", "properties": {}}
     return {**strict_schema(parameters), "x-guidance": JSON_STYLE}

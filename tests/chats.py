@@ -23,6 +23,10 @@ ORDER = {"type": "function", "function": {
 ASK_ORDER = [{"role": "user", "content": "Where is my order 1234?"}]
 ORDER_CALL = '<tool_call>\n{"name": "lookup_order", "arguments": {"order_id": 1234}}\n</tool_call>'
 CALL_ORDER = GenerationParams(max_new_tokens=40, tools=(ORDER,), tool_choice="required", parallel_tool_calls=False)
+# The same question answered as one JSON value of a schema (structured output), and what the engines write.
+AS_ORDER_JSON = GenerationParams(max_new_tokens=40, json_schema={
+    "type": "object", "properties": {"order_id": {"type": "integer"}}, "required": ["order_id"]})
+ORDER_JSON = '{"order_id": 1234}'
 # After the call and its result: an answer is due, and `none` must keep the model from writing another call.
 ANSWERED_ORDER = [*ASK_ORDER, {"role": "assistant", "content": ORDER_CALL},
                   {"role": "tool", "content": '{"order": 1234, "status": "shipped", "carrier": "DHL"}'}]

@@ -8,7 +8,19 @@ import json
 
 import httpx
 import pytest
-from chats import ANSWERED_ORDER, ASK_ORDER, BASE, CALL_ORDER, COLOR, FRANCE, HELLO, ORDER, ORDER_CALL
+from chats import (
+    ANSWERED_ORDER,
+    AS_ORDER_JSON,
+    ASK_ORDER,
+    BASE,
+    CALL_ORDER,
+    COLOR,
+    FRANCE,
+    HELLO,
+    ORDER,
+    ORDER_CALL,
+    ORDER_JSON,
+)
 from pydantic import ValidationError
 
 from d2l_memory.compose import ComposedCache
@@ -19,6 +31,7 @@ from d2l_memory.engines.vllm_server import ServerConfig, VLLMServer, VLLMServerE
 from d2l_memory.tool_calls import (
     TOOL_CHAT_TEMPLATE,
     call_text,
+    json_grammar,
     parse_tool_calls,
     settled_content,
     strict_schema,
@@ -118,6 +131,13 @@ def test_choices_and_schemas_are_checked():
     with pytest.raises(ValidationError, match="a tool must be"):
         GenerationParams(tools=({"name": "lookup_order"},))
     assert tool_grammar([], "auto") is None
+    assert GenerationParams().grammar is None
+    with pytest.raises(ValidationError, match="tools or json_schema, not both"):
+        GenerationParams(tools=(ORDER,), json_schema={"type": "object"})
+    with pytest.raises(ValidationError, match="json_schema"):
+        GenerationParams(json_schema=["type", "object"])
+    with pytest.raises(ValueError, match="must be a mapping"):
+        json_grammar(["type", "object"])
     assert GenerationParams(tools=(ORDER,), tool_choice="none").stated_tools == ()  # told of none it may not call
     assert GenerationParams(tools=(ORDER,)).stated_tools == (ORDER,)
     nested = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}}},
@@ -150,6 +170,10 @@ def test_the_grammar_admits_the_written_call_and_nothing_else(tokenizer):
     assert not accepts(auto, "Let me look.\n<tool_call>[1234]</tool_call>")  # once opened, a call
     none = tool_grammar([ORDER], "none")
     assert accepts(none, "Your order has shipped.") and not accepts(none, "Sure. " + ORDER_CALL)
+    as_json = AS_ORDER_JSON.grammar
+    assert accepts(as_json, ORDER_JSON) and not accepts(as_json, "Sure. " + ORDER_JSON)
+    assert not accepts(as_json, '{"order_id": "1234"}') and not accepts(as_json, '{"order_id": 1, "x": 2}')
+    assert not accepts(as_json, ORDER_CALL)
 
 
 # -- the embedded engine ----------------------------------------------------------------------------
@@ -168,6 +192,9 @@ def test_the_embedded_engine_writes_the_call_the_grammar_allows(engine):
     # `none` after a call: unconstrained, the model may copy the call it sees (it did on the server); not here
     text = engine.generate(ANSWERED_ORDER, None, required.model_copy(update={"tool_choice": "none"}))
     assert text and "<tool_call>" not in text
+    # Structured output: the whole answer is one JSON value of the schema, streamed the same
+    assert engine.generate(ASK_ORDER, None, AS_ORDER_JSON) == ORDER_JSON
+    assert "".join(engine.stream(ASK_ORDER, None, AS_ORDER_JSON)) == ORDER_JSON
 
 
 # -- the server engine (a mock server) ---------------------------------------------------------------
@@ -197,5 +224,9 @@ def test_the_server_engine_sends_tools_and_writes_the_calls_back_into_the_text(m
     assert bodies[0]["tool_choice"] == {"type": "function", "function": {"name": "lookup_order"}}
     engine.generate(ASK_ORDER, None, params.model_copy(update={"tool_choice": "required"}))
     assert bodies[-1]["tool_choice"] == "required"
+    engine.generate(ASK_ORDER, None, AS_ORDER_JSON)
+    assert bodies[-1]["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "answer", "schema": strict_schema(AS_ORDER_JSON.json_schema), "strict": True}}
+    assert "tools" not in bodies[-1]
     engine.generate(ASK_ORDER)
     assert "tools" not in bodies[-1]

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from d2l_memory.chunking import MARK, plain_ids
 from d2l_memory.compose import Composed
 from d2l_memory.lora import LoRA
-from d2l_memory.tool_calls import check_tool_choice, tool_chat_template
+from d2l_memory.tool_calls import check_tool_choice, json_grammar, tool_chat_template, tool_grammar
 
 Message = Mapping[str, str]
 """One chat turn: `{"role": "system" | "user" | "assistant", "content": text}`."""
@@ -50,11 +50,24 @@ class GenerationParams(BaseModel):
     tool_choice: str = Field("auto", description="`auto` (the model decides), `required` (a call), `none` (no "
                              "call), or a tool's name (a call of that tool)")
     parallel_tool_calls: bool = Field(True, description="whether more calls may follow the first")
+    json_schema: dict[str, Any] | None = Field(None, description="structured output: the answer is one JSON "
+                                               "value valid against this schema (`tool_calls.json_grammar`)")
 
     @model_validator(mode="after")
     def _tools(self) -> GenerationParams:
         check_tool_choice(self.tools, self.tool_choice)
+        if self.json_schema is not None:
+            json_grammar(self.json_schema)
+            if self.tools:
+                raise ValueError("give tools or json_schema, not both: an answer is either calls or one JSON value")
         return self
+
+    @property
+    def grammar(self) -> str | None:
+        """The grammar every engine constrains the answer to (llguidance's Lark), or None: unconstrained."""
+        if self.json_schema is not None:
+            return json_grammar(self.json_schema)
+        return tool_grammar(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     @property
     def stated_tools(self) -> tuple[dict[str, Any], ...]:

