@@ -74,7 +74,7 @@ def test_locomo_quick_through_the_cli(tmp_path, monkeypatch):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 10 and cells[0] in common.SYSTEMS:
             rows[cells[0]] = cells
-    assert set(rows) == _systems()
+    assert set(rows) == _systems() - {"cd"}  # the quick size leaves CD to LongMemEval's
     for cells in rows.values():
         assert 0.0 <= float(cells[1]) <= 1.0  # F1 on categories 1-4
         p50, p95 = map(float, cells[8].split(" / "))

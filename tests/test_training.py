@@ -19,7 +19,7 @@ from d2l_memory.d2l import DocToLoRA
 from d2l_memory.hypernet import HypernetConfig
 from d2l_memory.lora import LoRA
 from d2l_memory.scoring import token_f1
-from d2l_memory.training import conversations
+from d2l_memory.training import conversations, recital
 from d2l_memory.training.data import (
     FAIRYTALE_TRAIN_FILE,
     TRAIN_FILES,
@@ -217,6 +217,30 @@ def test_control_questions_borrow_a_whole_memory_even_from_conversation_examples
     rows = memories_for([control] * 20 + [conversation, note], random.Random(0), [conversation, note])
     assert all(rows) and all(text.strip() for row in rows for text in row)
     assert rows[-2:] == [conversation["memories"], [note["context"]]]
+
+
+def test_recitals_ask_for_verbatim_pieces_of_real_text_and_the_teacher_says_most_of_them(base, tmp_path):
+    count = lambda text: len(base.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    samples = build_mix(300, 5, {"recital": 1.0}, count_tokens=count)
+    kinds = {s.source for s in samples}
+    assert {f"{way}:{kind}" for way in ("recite", "continue") for kind in ("dialogue", "passage")} <= kinds
+    assert "recite:persona" in kinds and "continue:essay" in kinds
+    for s in samples:
+        assert s.answer in s.context and s.answer not in s.question and s.response is None
+        if s.source.startswith("recite"):
+            assert s.answer == s.context and count(s.context) <= recital.RECITE_TOKENS
+        else:
+            assert count(s.answer) <= recital.NEXT_TOKENS and s.answer != s.context
+    # Real MSC turns and personas of the training file only; nothing the evaluation holds out.
+    assert conversations.leaks(samples) == []
+    test_personas = {p for line in (shared_data() / "msc_multi_session_chat" / "msc_dialogue_session_3_test.jsonl")
+                     .read_text().splitlines() for p in json.loads(line)["personas"][0]}
+    trained_personas = {p for personas, _ in recital.msc_episodes() for p in personas}
+    unseen = {p for p in test_personas - trained_personas if len(p) > 40}  # short ones ("I have a dog.") recur
+    assert trained_personas and unseen and not any(p in s.context for s in samples for p in unseen)
+    # The teacher, with the memory in context, would say the piece back (gold mode keeps what it would say).
+    counts = build_shard(base, samples[:12], tmp_path / "recital")
+    assert counts["kept"] >= 8, counts
 
 
 def test_control_prompts_are_many_and_never_what_interference_asks():

@@ -3,12 +3,14 @@
     python -m d2l_memory.training.prepare --out runs/data --n 20000 --seed 1            # training shards
     python -m d2l_memory.training.prepare --out runs/eval-data --n 200 --split eval     # held-out shard
     python -m d2l_memory.training.prepare --model gemma-3-270m --out runs/gemma-data   # another base model
+    python -m d2l_memory.training.prepare --out runs/recital --mix recital=1            # one source only
 
 `build_mix` draws each sample from a source with the proportions of a mix (`DEFAULT_MIX`): synthetic
 users' conversations, notes and tool results (`conversations.py`, open-vocabulary values, many
 phrasings), needles of many kinds in essay filler, the first generation's template facts and needles
 (`data.py`, kept so that what was learnt is not forgotten), SQuADShifts/SQuAD-train and FairytaleQA
-passages. `--split eval` draws only held-out phrasings, attributes and values (QA sources are then
+passages, and self-supervised recitals of real text (`recital.py`: a memory said back, or continued from
+a quoted piece). `--split eval` draws only held-out phrasings, attributes and values (QA sources are then
 left out: their held-out sets are the evaluation's own files).
 """
 
@@ -35,10 +37,11 @@ from d2l_memory.training.data import (
     shared_data,
     squad_samples,
 )
+from d2l_memory.training.recital import recital_sample
 from d2l_memory.training.teacher import build_shard
 
-DEFAULT_MIX = {"conversation": 0.38, "note": 0.1, "tool": 0.1, "needles": 0.12, "facts": 0.08, "needle": 0.05,
-               "squad": 0.13, "fairytale": 0.04}
+DEFAULT_MIX = {"conversation": 0.34, "note": 0.08, "tool": 0.08, "needles": 0.1, "facts": 0.06, "needle": 0.04,
+               "squad": 0.11, "fairytale": 0.04, "recital": 0.15}
 GENERATED = {"conversation", "note", "tool", "needles"}
 
 
@@ -70,6 +73,8 @@ def build_mix(n: int, seed: int, mix: dict[str, float], needle_chars: tuple[int,
             out.append(fact_sample(rng))
         elif kind == "needle":
             out.append(needle_sample(rng, filler, rng.randint(*needle_chars)))
+        elif kind == "recital":
+            out.append(recital_sample(rng, count_tokens))
         else:
             out.append(rng.choice(pools[kind]))
     return out
@@ -139,12 +144,28 @@ def main() -> None:
     parser.add_argument("--split", choices=["train", "eval"], default="train")
     parser.add_argument("--control-frac", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mix", nargs="+", metavar="SOURCE=WEIGHT", type=_mix_entry,
+                        help=f"the sources to draw and their weights (default: {DEFAULT_MIX})")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="the base model whose teacher targets the shards "
                         "hold (registry name, directory or hub id): train the hypernetwork for that model on them")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    prepare(args.out, args.n, args.shard_size, args.seed, DEFAULT_MIX, args.control_frac, model_name=args.model,
+    mix = dict(args.mix) if args.mix else DEFAULT_MIX
+    prepare(args.out, args.n, args.shard_size, args.seed, mix, args.control_frac, model_name=args.model,
             split=args.split)
+
+
+def _mix_entry(text: str) -> tuple[str, float]:
+    source, _, weight = text.partition("=")
+    if source not in DEFAULT_MIX:
+        raise argparse.ArgumentTypeError(f"unknown source {source!r}; expected one of {sorted(DEFAULT_MIX)}")
+    try:
+        value = float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the weight must be a number (SOURCE=WEIGHT)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: weights cannot be negative")
+    return source, value
 
 
 if __name__ == "__main__":
