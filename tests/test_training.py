@@ -250,6 +250,9 @@ def test_control_prompts_are_many_and_never_what_interference_asks():
     assert len(set(trained)) > 1000 and all(q == q.strip() and q for q in trained)
     assert not set(trained) & set(asked)
     assert asked == [q for q, _ in control_questions("eval")]
+    # Nor the held-out questions whose answers interference compares with and without an adapter.
+    compared = {s.question.strip() for path, read in QA_SETS.values() for s in read(shared_data() / path)}
+    assert len(compared) >= 100 and not set(trained) & compared
 
 
 def test_training_composes_memories_exactly_as_serving_does(base):

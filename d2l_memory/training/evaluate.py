@@ -9,7 +9,8 @@ Systems, each answering the same held-out questions greedily with the same base 
 Tasks: `facts` (the first generation's template facts with another seed: in-template), `needle` (a code
 in essay filler at each length, exact match), `squad` (SQuAD v1.1 dev sample) and `fairytale`
 (FairytaleQA test, explicit questions), both token F1 and reported normalised by ICL as the paper does,
-`interference` (general questions with an unrelated document's adapter, accuracy vs the base model),
+`interference` (general questions with an unrelated document's adapter, accuracy vs the base model; and
+the token F1 between the answers with and without such an adapter on 120 held-out questions),
 `composed` (k = 1, 2, 4 notes about one person composed as `D2LMemory.prepare` composes them, asked
 about the first), and `conversations`: synthetic users (`training/conversations.py`) whose sessions go
 through the public `D2LMemory` API (`absorb_messages` session by session, then a question in a fresh
@@ -53,6 +54,7 @@ from d2l_memory.training.teacher import greedy, prompt_ids
 
 EVAL_SEED = 10_007  # disjoint from every training seed
 # Held-out QA sets (never read by training): task -> (file under shared/data, reader)
+AGREEMENT_QUESTIONS = 120  # interference's held-out questions without gold (SQuAD dev, FairytaleQA test)
 QA_SETS = {"squad": ("squad/saipriya_dev-v1.1_sample.json", squad_samples),
            "fairytale": ("fairytaleqa/fairytaleqa_test.jsonl", fairytale_samples)}
 
@@ -203,8 +205,16 @@ def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 
         without = answer(d2l, questions, [None] * len(pairs), [None] * len(pairs))
         base_acc = sum(contains(a, g) for a, (_, g) in zip(without, pairs, strict=True)) / len(pairs)
         ours = sum(contains(a, g) for a, (_, g) in zip(with_doc, pairs, strict=True)) / len(pairs)
+        # Beside the 22 with gold answers: many more held-out questions, scored by how much an unrelated
+        # adapter changes the base model's own answer (no gold needed: leaving it alone is the target).
+        pool = sorted({s.question.strip() for path, read in QA_SETS.values() for s in read(shared_data() / path)})
+        asked = random.Random(EVAL_SEED).sample(pool, min(AGREEMENT_QUESTIONS, len(pool)))
+        disturbed = answer(d2l, asked, [None] * len(asked), [d2l.internalize(fact_sample(rng).context) for _ in asked])
+        alone = answer(d2l, asked, [None] * len(asked), [None] * len(asked))
+        agreement = sum(token_f1(a, b) for a, b in zip(disturbed, alone, strict=True)) / len(asked)
         report["interference"] = {"adapter": ours, "none": base_acc,
-                                  "adapter_over_none": ours / base_acc if base_acc else 0.0}
+                                  "adapter_over_none": ours / base_acc if base_acc else 0.0,
+                                  "agreement_with_base": agreement, "agreement_questions": len(asked)}
     if "composed" in tasks:
         report["composed"] = composed_eval(d2l, n)
     if "conversations" in tasks:
