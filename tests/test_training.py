@@ -60,6 +60,14 @@ def test_shards_hold_teacher_topk_for_each_response_token(base, shard_dir):
     assert any(e["control"] and e["context"] == "" for e in examples)
 
 
+def test_a_control_answer_cut_by_the_budget_is_kept_as_far_as_it_goes(base, tmp_path):
+    counts = build_shard(base, [], tmp_path / "controls", control=["Tell me a long story about dragons."],
+                         max_new_tokens=4)
+    (example,) = ShardSet(tmp_path).examples
+    assert counts["control"] == 1 and example["control"] and len(example["response"]) == 4
+    assert base.tokenizer.eos_token_id not in example["response"].tolist()
+
+
 def test_mix_never_reads_benchmarks():
     mix = build_mix(200, 3, {"facts": 0.3, "needle": 0.2, "squad": 0.3, "fairytale": 0.2})
     sources = {s.source for s in mix}

@@ -209,7 +209,9 @@ def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 
         # adapter changes the base model's own answer (no gold needed: leaving it alone is the target).
         pool = sorted({s.question.strip() for path, read in QA_SETS.values() for s in read(shared_data() / path)})
         asked = random.Random(EVAL_SEED).sample(pool, min(AGREEMENT_QUESTIONS, len(pool)))
-        disturbed = answer(d2l, asked, [None] * len(asked), [d2l.internalize(fact_sample(rng).context) for _ in asked])
+        documents = random.Random(EVAL_SEED + 1)  # its own draws: comparable whichever tasks ran before
+        disturbed = answer(d2l, asked, [None] * len(asked),
+                           [d2l.internalize(fact_sample(documents).context) for _ in asked])
         alone = answer(d2l, asked, [None] * len(asked), [None] * len(asked))
         agreement = sum(token_f1(a, b) for a, b in zip(disturbed, alone, strict=True)) / len(asked)
         report["interference"] = {"adapter": ours, "none": base_acc,
