@@ -599,20 +599,27 @@ def train(
     run(chosen)
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help=f"one of: {', '.join(BENCHMARKS)}, or all")],
     quick: Annotated[bool, typer.Option("--quick", help="the small size that CI runs")] = False,
 ) -> None:
-    """Run a benchmark (or all of them) and print its table."""
+    """Run a benchmark (or all of them) and print its table.
+
+    Options after the name go to that benchmark (`d2l-memory bench train-throughput --data runs/data`);
+    `python -m d2l_memory.benchmarks.<module> --help` lists them.
+    """
     if name != "all" and name not in BENCHMARKS:
         raise typer.BadParameter(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}, all")
+    if name == "all" and ctx.args:
+        raise typer.BadParameter(f"options {ctx.args} belong to one benchmark; name it instead of all")
     for each in BENCHMARKS if name == "all" else [name]:
         if name == "all" and each in OUTSIDE_ALL:
             out.print(f"[dim]{each}: skipped by `all` ({OUTSIDE_ALL[each]})[/]")
             continue
         module = importlib.import_module(BENCHMARKS[each])
-        sys.argv = [each, *(["--quick"] if quick else [])]
+        sys.argv = [each, *(["--quick"] if quick else []), *ctx.args]
         module.main()
 
 

@@ -129,8 +129,10 @@ def test_store_commands_do_not_load_the_model(store, absorbed, monkeypatch):
     (["chat", "--user", "alice", "--mode", "telepathy", "-m", "hi"], None, ["--mode", "telepathy"]),
     (["forget", "--yes"], None, ["pass --user"]),
     (["eval", "--tasks", "facts,astrology"], None, ["unknown task", "astrology"]),
+    (["bench", "gate", "--quick", "--no-such-option"], None, ["unrecognized arguments", "--no-such-option"]),
+    (["bench", "all", "--data", "runs/data"], None, ["belong to one benchmark"]),
 ], ids=["empty-file", "blank-stdin", "unknown-kind", "missing-file", "bad-metadata", "unknown-mode", "no-target",
-        "unknown-task"])
+        "unknown-task", "bench-option-reaches-the-benchmark", "bench-all-options"])
 def test_bad_input_exits_2_naming_the_problem(tmp_path, args, stdin, names):
     (tmp_path / "empty.txt").write_text("")
     args = [a.replace("{empty}", str(tmp_path / "empty.txt")).replace("{missing}", str(tmp_path / "missing.txt"))
