@@ -89,11 +89,32 @@ def cli_uses(code: str) -> list[tuple[str, str]]:
         line = re.split(r"(?:^|\s)#", line)[0]
         for match in re.finditer(r"\bd2l-memory\s+([a-z][a-z-]*)(.*)", line):
             words = re.split(r"\s\|\s*(?=[A-Za-z$])|\)\s*$", match.group(2))[0]
-            for word in shlex.split(words.replace("'", " ").replace('"', " ")):
+            command, split = match.group(1), shlex.split(words.replace("'", " ").replace('"', " "))
+            if command == "bench" and split and not split[0].startswith("-"):
+                command = f"bench {split[0]}"  # options after a benchmark's name are that benchmark's too
+            for word in split:
                 word = word.strip("[]()")
                 if word.startswith("-") and len(word) > 1:
-                    uses.append((match.group(1), word.split("=", 1)[0]))
+                    uses.append((command, word.split("=", 1)[0]))
     return uses
+
+
+def benchmark_options(name: str) -> set[str]:
+    """The options of benchmark `name`'s own parser (from its `--help`, which exits before any work)."""
+    import contextlib
+    import io
+    import sys
+
+    from d2l_memory.cli import BENCHMARKS
+
+    if name not in BENCHMARKS:
+        return set()
+    module = importlib.import_module(BENCHMARKS[name])
+    text = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(text), pytest.raises(SystemExit):
+        patch.setattr(sys, "argv", [name, "--help"])
+        module.main()
+    return set(re.findall(r"(?<![\w-])--?[a-z][a-z0-9-]*", text.getvalue()))
 
 
 def test_cli_options_in_every_page_exist():
@@ -104,8 +125,11 @@ def test_cli_options_in_every_page_exist():
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
     options = {name: {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)} | {"--help"}
                for name, cmd in commands.items()}
+    pages = [*PAGES, ROOT / "README.md"]
+    benchmarks = {c for page in pages for _, code in blocks(page, SHELL) for c, _ in cli_uses(code) if " " in c}
+    options |= {c: options["bench"] | benchmark_options(c.split()[1]) for c in benchmarks}
     wrong = []
-    for page in [*PAGES, ROOT / "README.md"]:
+    for page in pages:
         for line, code in blocks(page, SHELL):
             wrong += [f"{rel(page)}:{line}: d2l-memory {command} {option}" for command, option in cli_uses(code)
                       if option not in options.get(command, ())]
@@ -113,6 +137,9 @@ def test_cli_options_in_every_page_exist():
                       if command not in options]
     assert cli_uses("d2l-memory recall Q --user a -k 3 --json | jq '.[]'  # x --nope") == [
         ("recall", "--user"), ("recall", "-k"), ("recall", "--json")]
+    assert cli_uses("d2l-memory bench store --quick --sizes 10") == [("bench store", "--quick"),
+                                                                       ("bench store", "--sizes")]
+    assert "--data" in options["bench train-throughput"] and "--data" not in options["bench"]
     assert not wrong, "unknown CLI options in the docs:\n" + "\n".join(sorted(set(wrong)))
 
 
