@@ -6,7 +6,7 @@ import json
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from operator import itemgetter
-from typing import Any, Literal
+from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
@@ -140,30 +140,26 @@ class ChatD2L(BaseChatModel):
         return super().bind(tools=formatted, tool_choice=choice, parallel_tool_calls=bool(parallel_tool_calls),
                             **kwargs)
 
-    def with_structured_output(self, schema: Mapping[str, Any] | type, *,
-                               method: Literal["function_calling", "json_schema"] = "function_calling",
-                               include_raw: bool = False, **kwargs: Any) -> Runnable[LanguageModelInput, Any]:
+    def with_structured_output(self, schema: Mapping[str, Any] | type, *, include_raw: bool = False,
+                               **kwargs: Any) -> Runnable[LanguageModelInput, Any]:
         """This model answering with an instance of `schema` (a pydantic class, a TypedDict or a JSON schema).
 
         Args:
-            method: `function_calling` (a forced call of the schema as a tool, its arguments the answer) or
-                `json_schema` (the whole answer is one JSON value constrained to the schema, no tool call;
-                OpenAI's structured outputs).
             include_raw: return `{"raw": AIMessage, "parsed": ..., "parsing_error": ...}` instead of the
                 parsed value alone, so an answer the token budget cut short shows instead of raising.
-
-        Raises:
-            ValueError: an unknown `method`, or a schema that is not an object schema.
+            **kwargs: `method="json_schema"`: the whole answer is one JSON value constrained to the schema,
+                no tool call (OpenAI's structured outputs; `strict` is accepted and changes nothing: the
+                grammar always holds the answer to the schema). Any other method (`function_calling`,
+                the default) is LangChain's: a forced call of the schema as a tool, its arguments the answer.
         """
-        if method == "function_calling":
+        if kwargs.get("method") != "json_schema":
             return super().with_structured_output(schema, include_raw=include_raw, **kwargs)
-        if method != "json_schema":
-            raise ValueError(f"method must be 'function_calling' or 'json_schema', got {method!r}")
-        if kwargs:
-            raise TypeError(f"with_structured_output got unexpected arguments {sorted(kwargs)}")
+        unknown = set(kwargs) - {"method", "strict"}
+        if unknown:
+            raise TypeError(f"with_structured_output got unexpected arguments {sorted(unknown)}")
         json_schema = convert_to_json_schema(schema)
         llm = self.bind(json_schema=json_schema, ls_structured_output_format={
-            "kwargs": {"method": method}, "schema": json_schema})
+            "kwargs": {"method": "json_schema"}, "schema": json_schema})
         pydantic = isinstance(schema, type) and issubclass(schema, BaseModel)
         parser = PydanticOutputParser(pydantic_object=schema) if pydantic else JsonOutputParser()
         if not include_raw:

@@ -60,5 +60,5 @@ def test_json_schema_structured_output_is_one_constrained_json_answer(memory):
     short = ChatD2L(memory=memory, user_id="chat-nobody", mode="none", max_tokens=3)
     cut = short.with_structured_output(Order, method="json_schema", include_raw=True).invoke("Order 1234?")
     assert cut["parsed"] is None and cut["parsing_error"] is not None
-    with pytest.raises(ValueError, match="method must be"):
-        llm.with_structured_output(Order, method="json_mode")
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        llm.with_structured_output(Order, method="json_schema", tools=[])
