@@ -15,8 +15,8 @@ from d2l_memory import MODES, D2LMemory, MemoryNotFoundError, MemoryRecord
 from d2l_memory.cli import HISTORY_MESSAGES
 
 # hybrid: the memories' adapter plus their best snippet in the prompt. With the young shipped hypernetwork
-# adapter mode alone recalls 0.81 of personal facts (0.875 in context, docs/training.md); the snippet makes the bot
-# dependable while the adapter still carries what the snippet leaves out.
+# adapter mode alone answers few conversation questions worded as people type (docs/training.md); the snippet
+# makes the bot dependable while the adapter still carries what the snippet leaves out.
 DEFAULT_MODE = "hybrid"
 SOURCE = {"source": "chatbot"}  # metadata on every memory this example writes
 # Only what the user said becomes memory: the bot's replies add nothing about the user, and a reply that
