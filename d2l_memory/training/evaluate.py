@@ -54,9 +54,14 @@ from d2l_memory.training.teacher import greedy, prompt_ids
 
 EVAL_SEED = 10_007  # disjoint from every training seed
 # Held-out QA sets (never read by training): task -> (file under shared/data, reader)
-AGREEMENT_QUESTIONS = 120  # interference's held-out questions without gold (SQuAD dev, FairytaleQA test)
 QA_SETS = {"squad": ("squad/saipriya_dev-v1.1_sample.json", squad_samples),
            "fairytale": ("fairytaleqa/fairytaleqa_test.jsonl", fairytale_samples)}
+AGREEMENT_QUESTIONS = 120  # interference's held-out questions without gold, drawn from `held_out_questions`
+
+
+def held_out_questions() -> list[str]:
+    """Every question of the held-out QA sets, once, sorted (interference asks them without their passage)."""
+    return sorted({s.question.strip() for path, read in QA_SETS.values() for s in read(shared_data() / path)})
 
 
 @torch.no_grad()
@@ -207,7 +212,7 @@ def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 
         ours = sum(contains(a, g) for a, (_, g) in zip(with_doc, pairs, strict=True)) / len(pairs)
         # Beside the 22 with gold answers: many more held-out questions, scored by how much an unrelated
         # adapter changes the base model's own answer (no gold needed: leaving it alone is the target).
-        pool = sorted({s.question.strip() for path, read in QA_SETS.values() for s in read(shared_data() / path)})
+        pool = held_out_questions()
         asked = random.Random(EVAL_SEED).sample(pool, min(AGREEMENT_QUESTIONS, len(pool)))
         documents = random.Random(EVAL_SEED + 1)  # its own draws: comparable whichever tasks ran before
         disturbed = answer(d2l, asked, [None] * len(asked),
