@@ -31,7 +31,7 @@ from d2l_memory.training.data import (
 )
 from d2l_memory.training.evaluate import QA_SETS, held_out_questions
 from d2l_memory.training.plot import plot
-from d2l_memory.training.prepare import build_mix, control_prompts
+from d2l_memory.training.prepare import DEFAULT_MIX, build_mix, control_prompts, draw
 from d2l_memory.training.teacher import ShardSet, build_shard
 from d2l_memory.training.train import TrainConfig, batch_factors, memories_for, train
 from d2l_memory.transcripts import segment_turns, transcript_turns
@@ -249,6 +249,29 @@ def test_recitals_ask_for_verbatim_pieces_of_real_text_and_the_teacher_says_most
     # The teacher, with the memory in context, would say the piece back (gold mode keeps what it would say).
     counts = build_shard(base, samples[:12], tmp_path / "recital")
     assert counts["kept"] >= 8, counts
+
+
+def test_hybrid_samples_show_the_student_the_snippet_hybrid_mode_shows(base):
+    # `hybrid` mode puts the best memory in the prompt and composes the adapters too; trained only without
+    # the text, the adapter made the model say the memory line back there instead of answering.
+    from d2l_memory.training.objective import student_batch
+
+    count = lambda text: len(base.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    samples = build_mix(60, 4, {"conversation": 1.0, "hybrid": 1.0}, count_tokens=count)
+    hybrid = [s for s in samples if s.source.startswith("hybrid:")]
+    plain = [s for s in samples if not s.source.startswith("hybrid:")]
+    assert hybrid and plain and all(s.student_context is None for s in plain)
+    for s in hybrid:
+        assert s.student_context in s.memories and s.student_context in s.context and s.answer in s.student_context
+    assert conversations.leaks(samples) == []
+    assert not any(s.source.startswith("hybrid:") for s in draw(40, 4, DEFAULT_MIX, "eval", count))
+    example = {**hybrid[0].model_dump(), "response": torch.tensor([1, 2]), "topk_ids": torch.zeros(2, 4),
+               "topk_logprobs": torch.zeros(2, 4)}
+    batch = student_batch(base, [example, {**example, "student_context": None}])
+    with_text, alone = (base.tokenizer.decode(row[mask.bool()]) for row, mask in
+                        zip(batch.input_ids, batch.attention_mask, strict=True))
+    snippet = hybrid[0].student_context.splitlines()[-1]
+    assert snippet in with_text and snippet not in alone and hybrid[0].question in alone
 
 
 def test_control_prompts_are_many_and_never_what_interference_asks():

@@ -510,13 +510,16 @@ def dialogue(rng: random.Random, split: Split = "train", held_out_attributes: bo
 
 
 def conversation_sample(rng: random.Random, split: Split = "train", count_tokens: Callable[[str], int] | None = None,
-                        held_out_attributes: bool = False) -> Sample:
+                        held_out_attributes: bool = False, hybrid: bool = False) -> Sample:
     """A `dialogue` cut into memories as `absorb_messages` cuts them (`count_tokens`: the base model's
     tokenizer, in which segment budgets are counted).
 
     `Sample.context` is what the teacher reads (the memory that holds the answer; for an update, the old
     and the new memory in order), `Sample.memories` what the student's adapter composes: the relevant
-    memories plus 0-3 distractor memories of the same user, in random order.
+    memories plus 0-3 distractor memories of the same user, in random order. With `hybrid` the student
+    also reads the newest memory that holds the answer in its prompt, as `hybrid` mode puts its best
+    snippet there: the adapter must then leave the answer to the teacher's wording, not say the memory
+    back.
     """
     d = dialogue(rng, split, held_out_attributes)
     count = count_tokens or (lambda text: len(text) // 4)
@@ -526,9 +529,10 @@ def conversation_sample(rng: random.Random, split: Split = "train", count_tokens
     others = [m for m in memories if m not in holding]
     composed = holding + rng.sample(others, min(len(others), rng.randint(0, 3)))
     rng.shuffle(composed)
+    kind = "conversation:update" if d.old_value is not None else "conversation"
     return Sample(context="\n\n".join(holding), question=d.question, answer=d.value,
-                  source="conversation:update" if d.old_value is not None else "conversation",
-                  response=d.response, memories=composed, templates=d.templates)
+                  source=f"hybrid:{kind}" if hybrid else kind, response=d.response, memories=composed,
+                  student_context=holding[-1] if hybrid else None, templates=d.templates)
 
 
 def note_sample(rng: random.Random, split: Split = "train", held_out_attributes: bool = False) -> Sample:

@@ -65,7 +65,10 @@ CHAT_OPENERS = ["Hi! ", "Hello. ", "Hey there. ", "", "Quick note about me: ", "
 
 
 class Sample(BaseModel):
-    """One meta-training example: the student sees `question`, the teacher `context` + `question`."""
+    """One meta-training example: the student sees `question`, the teacher `context` + `question`.
+
+    `student_context` is text the student also reads in its prompt beside its adapter (`hybrid` mode's
+    best snippet), in the teacher's format; by default the student reads the question alone."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -75,6 +78,7 @@ class Sample(BaseModel):
     source: str
     response: str | None = None  # a full-sentence reference answer, when the template knows one
     memories: list[str] | None = None  # what the student's adapter composes (default: the context alone)
+    student_context: str | None = None
     templates: list[str] = []  # provenance of generated samples' phrasings (the leak test reads it)
 
 

@@ -38,10 +38,11 @@ class StudentBatch:
 
 
 def student_batch(base: LoadedModel, examples: Sequence[dict]) -> StudentBatch:
-    """Build the student's inputs (question only, then the teacher's response) for `examples`."""
+    """Build the student's inputs (the question, with the example's `student_context` when it has one,
+    then the teacher's response) for `examples`."""
     seqs, rows, cols, owner = [], [], [], []
     for i, ex in enumerate(examples):
-        prompt = prompt_ids(base, ex["question"], None)
+        prompt = prompt_ids(base, ex["question"], ex.get("student_context"))
         response = ex["response"].tolist()
         seqs.append(prompt + response)
         positions = range(len(prompt) - 1, len(prompt) - 1 + len(response))

@@ -9,9 +9,11 @@
 users' conversations, notes and tool results (`conversations.py`, open-vocabulary values, many
 phrasings), needles of many kinds in essay filler, the first generation's template facts and needles
 (`data.py`, kept so that what was learnt is not forgotten), SQuADShifts/SQuAD-train and FairytaleQA
-passages, and self-supervised recitals of real text (`recital.py`: a memory said back, or continued from
-a quoted piece). `--split eval` draws only held-out phrasings, attributes and values (QA sources are then
-left out: their held-out sets are the evaluation's own files).
+passages, self-supervised recitals of real text (`recital.py`: a memory said back, or continued from
+a quoted piece), and `hybrid` conversations whose student also reads the answer's memory in its prompt.
+`--split eval` draws only held-out phrasings, attributes and values (QA sources and `hybrid` are then
+left out: the reading sets' held-out halves are the evaluation's own files, and the held-out shard
+measures adapters alone).
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ from d2l_memory.training.data import (
 from d2l_memory.training.recital import recital_sample
 from d2l_memory.training.teacher import build_shard
 
-DEFAULT_MIX = {"conversation": 0.34, "note": 0.08, "tool": 0.08, "needles": 0.1, "facts": 0.06, "needle": 0.04,
-               "squad": 0.11, "fairytale": 0.04, "recital": 0.15}
-GENERATED = {"conversation", "note", "tool", "needles"}
+DEFAULT_MIX = {"conversation": 0.3, "hybrid": 0.04, "note": 0.08, "tool": 0.08, "needles": 0.1, "facts": 0.06,
+               "needle": 0.04, "squad": 0.11, "fairytale": 0.04, "recital": 0.15}
+GENERATED = {"conversation", "note", "tool", "needles"}  # the eval split measures adapters alone: no hybrid
 
 
 def build_mix(n: int, seed: int, mix: dict[str, float], needle_chars: tuple[int, int] = (200, 1500),
@@ -61,8 +63,8 @@ def build_mix(n: int, seed: int, mix: dict[str, float], needle_chars: tuple[int,
     out: list[Sample] = []
     for _ in range(n):
         kind = rng.choices(names, weights)[0]
-        if kind == "conversation":
-            out.append(conversations.conversation_sample(rng, split, count_tokens))
+        if kind in ("conversation", "hybrid"):
+            out.append(conversations.conversation_sample(rng, split, count_tokens, hybrid=kind == "hybrid"))
         elif kind == "note":
             out.append(conversations.note_sample(rng, split))
         elif kind == "tool":
