@@ -35,3 +35,10 @@ def token_f1(prediction: str, gold: str, dropped: Collection[str] = ARTICLES) ->
 def contains(prediction: str, gold: str) -> float:
     """1.0 if the normalised gold answer occurs in the normalised prediction, else 0.0."""
     return float(normalize(gold) in normalize(prediction))
+
+
+def echoes(prediction: str, source: str, words: int = 8) -> float:
+    """1.0 if `words` consecutive normalised words of `source` occur in the prediction, else 0.0: an
+    answer that says a memory back instead of answering from it (a value alone is never that long)."""
+    pred, src = f" {normalize(prediction)} ", normalize(source).split()
+    return float(any(f" {' '.join(src[i : i + words])} " in pred for i in range(len(src) - words + 1)))

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from d2l_memory.benchmarks import common, locomo, longmemeval
 from d2l_memory.cli import BENCHMARKS, app
+from d2l_memory.scoring import echoes
 
 
 def _systems() -> set[str]:
@@ -53,6 +54,13 @@ def test_longmemeval_scoring():
     assert longmemeval.correct({"question_id": "x", "answer": 7}, "I packed 741 shirts") == 0.0
     assert longmemeval.correct({"question_id": "x_abs", "answer": "n/a"}, "You did not mention that.") == 1.0
     assert longmemeval.correct({"question_id": "x_abs", "answer": "n/a"}, "Blue.") == 0.0
+
+
+def test_an_answer_that_says_the_memory_back_is_an_echo():
+    told = "Hi! My name is Alice and my favorite color is teal. What about you?"
+    assert echoes("User: Hi! My name is Alice and my favorite color is teal.", told) == 1.0
+    assert echoes("Your favorite color is teal, Alice.", told) == 0.0
+    assert echoes("teal", told) == 0.0 and echoes("anything", "too short") == 0.0
 
 
 @pytest.mark.slow

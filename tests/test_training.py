@@ -312,3 +312,13 @@ def test_overrides_reach_nested_sections_and_unknown_keys_are_refused(tmp_path):
     for bad in (["lrr=0.1"], ["hypernet.rnak=16"], ["lr"]):
         with pytest.raises(ValueError):
             load_config(tmp_path / "train.json", bad)
+
+
+def test_conversation_eval_scores_every_mode_through_the_public_api():
+    # One held-out user through the shipped checkpoint: accuracy and the echo share of each mode, as rates.
+    from d2l_memory.training.evaluate import MODES, conversation_eval
+
+    report = conversation_eval(None, 1, groups=("held_out",))
+    assert set(report) == {f"{key}_{mode}" for key in ("held_out", "echo") for mode in MODES}
+    assert all(0.0 <= v <= 1.0 for v in report.values())
+    assert report["held_out_none"] == 0.0 == report["echo_none"]  # nothing told reaches the base model alone

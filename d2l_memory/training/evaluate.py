@@ -37,7 +37,7 @@ from d2l_memory.compose import member_weight
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.functional import lora_applied
 from d2l_memory.lora import LoRA
-from d2l_memory.scoring import contains, token_f1
+from d2l_memory.scoring import contains, echoes, token_f1
 from d2l_memory.training import conversations
 from d2l_memory.training.cd import context_distill
 from d2l_memory.training.data import (
@@ -142,7 +142,9 @@ def conversation_eval(checkpoint: Path | None, n: int, seed: int = EVAL_SEED,
 
     In-template users use trained phrasings but values drawn from the evaluation's half of each pool, so
     no group can be answered by recalling a training value. Returns `{group_mode: accuracy}` plus
-    `updates_<mode>` over the users whose question asks for a value they changed.
+    `updates_<mode>` over the users whose question asks for a value they changed, and `echo_<mode>`: the
+    share of all replies that say eight or more words of a told session back (`scoring.echoes`) instead of
+    answering in their own words.
     """
     from d2l_memory.memory import D2LMemory  # the facade: evaluation exercises the product's own path
 
@@ -158,10 +160,12 @@ def conversation_eval(checkpoint: Path | None, n: int, seed: int = EVAL_SEED,
             user = f"{group}-{i}"
             for session in d.sessions:
                 mem.absorb_messages(session, user, roles=d.roles, segment_tokens=d.segment_tokens)
+            told = [" ".join(text for _, text in session) for session in d.sessions]
             for mode in MODES:
                 reply = mem.chat(d.question, user, mode=mode, max_new_tokens=32)
                 score = contains(reply, d.value)
                 hits.setdefault(f"{group}_{mode}", []).append(score)
+                hits.setdefault(f"echo_{mode}", []).append(max(echoes(reply, text) for text in told))
                 if d.old_value is not None:
                     hits.setdefault(f"updates_{mode}", []).append(score)
     return {key: sum(v) / len(v) for key, v in hits.items()}
