@@ -56,6 +56,15 @@ def test_longmemeval_scoring():
     assert longmemeval.correct({"question_id": "x_abs", "answer": "n/a"}, "Blue.") == 0.0
 
 
+def test_store_benchmark_measures_a_real_store():
+    from d2l_memory.benchmarks.store import _COLUMNS, run_store_bench
+
+    (result,) = run_store_bench(False, sizes=[300], settings=("many",), rank=1, n_adds=5, n_searches=10)
+    assert set(_COLUMNS) <= set(result) and result["memories"] == 305 and result["users"] == 3
+    assert result["recall@5"] == 1.0 == result["recall@5_opt"]  # small scopes are searched exactly
+    assert result["bytes_per_memory_after"] > result["adapter_bytes"] > 100_000
+
+
 def test_an_answer_that_says_the_memory_back_is_an_echo():
     told = "Hi! My name is Alice and my favorite color is teal. What about you?"
     assert echoes("User: Hi! My name is Alice and my favorite color is teal.", told) == 1.0
