@@ -322,3 +322,14 @@ def test_conversation_eval_scores_every_mode_through_the_public_api():
     assert set(report) == {f"{key}_{mode}" for key in ("held_out", "echo") for mode in MODES}
     assert all(0.0 <= v <= 1.0 for v in report.values())
     assert report["held_out_none"] == 0.0 == report["echo_none"]  # nothing told reaches the base model alone
+
+
+def test_long_needles_span_many_chunks_and_bad_bounds_are_refused(base, tmp_path):
+    count = lambda text: len(base.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    needles = draw(6, 5, {"needles": 1.0}, "train", count, needle_chars=(8000, 9000))
+    assert all(count(s.context) > 3 * HypernetConfig().chunk_tokens for s in needles)  # several chunks each
+    assert all(s.answer in s.context for s in needles)
+    out = tmp_path / "data"
+    done = subprocess.run([sys.executable, "-m", "d2l_memory.training.prepare", "--out", str(out),
+                           "--needle-chars", "9000", "150"], capture_output=True, text=True)
+    assert done.returncode == 2 and "MIN <= MAX" in done.stderr and not out.exists()

@@ -114,9 +114,15 @@ def essays() -> list[str]:
 
 
 def bury(rng: random.Random, essays: Sequence[str], filler_chars: int, needle: str) -> str:
-    """`needle` (a sentence) between two sentences of about `filler_chars` characters of one of `essays`,
-    at a random depth."""
-    essay = rng.choice(essays)
+    """`needle` (a sentence) between two sentences of about `filler_chars` characters of `essays` (one
+    essay, continued into the next ones where it is shorter: long documents are not capped by one essay's
+    length), at a random depth."""
+    first = rng.randrange(len(essays))  # the draw `rng.choice(essays)` made, so short needles stay the same
+    essay = essays[first]
+    for step in range(1, len(essays)):
+        if len(essay) >= filler_chars:
+            break
+        essay += "\n\n" + essays[(first + step) % len(essays)]
     start = rng.randint(0, max(0, len(essay) - filler_chars))
     filler = essay[start : start + filler_chars]
     cut = filler.rfind(". ", 0, rng.randint(0, len(filler))) + 2 if filler else 0

@@ -145,6 +145,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", choices=["train", "eval"], default="train")
     parser.add_argument("--control-frac", type=float, default=0.2)
+    parser.add_argument("--needle-chars", type=int, nargs=2, metavar=("MIN", "MAX"), default=(150, 3000),
+                        help="filler characters around each needle, drawn uniformly (long documents: "
+                        "the teacher reads them whole, the student through its chunks' adapters)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mix", nargs="+", metavar="SOURCE=WEIGHT", type=_mix_entry,
                         help=f"the sources to draw and their weights (default: {DEFAULT_MIX})")
@@ -153,8 +156,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     mix = dict(args.mix) if args.mix else DEFAULT_MIX
+    low, high = args.needle_chars
+    if not 0 <= low <= high:
+        parser.error(f"--needle-chars {low} {high}: expected 0 <= MIN <= MAX")
     prepare(args.out, args.n, args.shard_size, args.seed, mix, args.control_frac, model_name=args.model,
-            split=args.split)
+            needle_chars=(low, high), split=args.split)
 
 
 def _mix_entry(text: str) -> tuple[str, float]:
