@@ -35,7 +35,7 @@ from d2l_memory.models import DEFAULT_MODEL, load_model
 from d2l_memory.prompts import QA_TEMPLATE
 from d2l_memory.store import MemoryInput, MemoryStore, StoredMemory
 from d2l_memory.store.schema import MEMORIES_TABLE
-from d2l_memory.transcripts import render_tool_output, segment_turns, transcript_turns
+from d2l_memory.transcripts import refers_to_user, render_tool_output, segment_turns, transcript_turns
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,10 @@ class MemoryConfig(BaseModel):
     relevance_threshold: float = Field(0.35, ge=-1.0, le=1.0,
                                        description="memories whose best-matching part is less similar (MiniLM "
                                        "cosine) than this to the query are not used")
+    personal_relevance_threshold: float = Field(
+        0.25, ge=-1.0, le=1.0, description="the relevance threshold for a message that speaks of the user in the "
+        "first person ('Where do I live?', `transcripts.refers_to_user`): it asks about their own life, and its "
+        "memory is worded farther from it than a general question's document is")
     k: int = Field(4, ge=1, description="memories recalled per chat turn")
     max_k: int = Field(16, ge=1, description="largest k a chat turn may ask for (each recalled memory's adapter "
                        "is read and composed)")
@@ -346,9 +350,11 @@ class D2LMemory:
         return [MemoryRecord.from_stored(h) for h in hits]
 
     def relevant(self, query: str, user_id: str, k: int | None = None, **scope: Any) -> list[MemoryRecord]:
-        """`recall`, keeping only memories at or above `config.relevance_threshold`."""
-        return [h for h in self.recall(query, user_id, k, **scope)
-                if h.score is not None and h.score >= self.config.relevance_threshold]
+        """`recall`, keeping only memories at or above the relevance threshold: `config.relevance_threshold`,
+        or `config.personal_relevance_threshold` for a query that speaks of the user (`refers_to_user`)."""
+        threshold = self.config.personal_relevance_threshold if refers_to_user(query) \
+            else self.config.relevance_threshold
+        return [h for h in self.recall(query, user_id, k, **scope) if h.score is not None and h.score >= threshold]
 
     def get(self, memory_id: str, *, user_id: str) -> MemoryRecord | None:
         """The user's memory with this id; None when there is none or it is another user's (a caller

@@ -3,7 +3,8 @@
 `D2LMemory.absorb_messages` stores a conversation as `Role: text` lines cut at turn boundaries into
 segments of at most a token budget; the benchmarks and the meta-training generator build their memories
 with the same two functions, so what the hypernetwork is trained on is exactly what it reads in use.
-`retrieval_parts` cuts a memory's text into the sentences it is also searched by.
+`retrieval_parts` cuts a memory's text into the sentences it is also searched by, and `refers_to_user` tells
+a message about its writer's own life, which the relevance gate treats as one about their memories.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 LANGCHAIN_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
+# Subject and possessive forms only: "me" and "us" are mostly requests ("tell me about Paris").
+_FIRST_PERSON = re.compile(r"\b(?:i|my|mine|myself|we|our|ours|ourselves)\b", re.IGNORECASE)
 
 
 def normalize_messages(messages: object) -> list[tuple[str, str]]:
@@ -105,6 +108,15 @@ def retrieval_parts(text: str, max_parts: int = MAX_PARTS) -> list[str]:
         bounds = [round(i * len(sentences) / max_parts) for i in range(max_parts + 1)]
         sentences = [" ".join(sentences[a:b]) for a, b in itertools.pairwise(bounds)]
     return sentences
+
+
+def refers_to_user(text: str) -> bool:
+    """Whether `text` speaks of its writer in the first person ("Where do I live?", "what's my code", "what
+    did we decide"; not "tell me about Paris"). Such a message asks about the user's own life, so their
+    memories are where an answer would be, and it is worded farther from how they told it (a question
+    against a statement, "my usual order" against "I can't function without my espresso") than a message
+    is from a document about its topic: the relevance gate uses a lower threshold for it."""
+    return _FIRST_PERSON.search(text) is not None
 
 
 def render_tool_output(output: object) -> str:

@@ -159,6 +159,12 @@ def test_gate_calibration_quick(tmp_path, monkeypatch):
     whole, parts = (result["scorings"][k]["rows"] for k in ("whole", "best part"))
     # Scoring by the best part lets at least as many related questions through at every threshold.
     assert all(p["related first person"] >= w["related first person"] for w, p in zip(whole, parts, strict=True))
+    conversations = result["conversations"]
+    assert conversations["users"] == 10 and conversations["memories"] >= 10 and conversations["chat_questions"] > 0
+    for name in conversations["rows"][0]:
+        values = [r[name] for r in conversations["rows"]]
+        assert name == "threshold" or (all(0.0 <= v <= 1.0 for v in values) and values == sorted(values, reverse=True))
+    assert result["personal_default"] < result["default"]
 
 
 def test_composition_quick(tmp_path, monkeypatch):

@@ -64,6 +64,19 @@ def test_adapter_mode_composes_relevant_memories_only(mem, alice):
         mem.chat("How many legs does a spider have?", "alice", mode="none", max_new_tokens=16)
 
 
+def test_a_question_about_the_user_passes_the_lower_personal_gate(mem, monkeypatch):
+    mem.absorb_messages([("user", "These days I am all about woodworking."), ("assistant", "Sounds fun!")],
+                        user_id="dora")
+    question = "What do I do on Saturdays?"
+    score = mem.recall(question, "dora")[0].score
+    config = mem.config
+    assert config.personal_relevance_threshold <= score < config.relevance_threshold
+    assert [h.score for h in mem.relevant(question, "dora")] == [score]
+    # The same similarity without first-person words is held to the general threshold.
+    monkeypatch.setattr(config, "personal_relevance_threshold", config.relevance_threshold)
+    assert mem.relevant(question, "dora") == []
+
+
 def test_absorb_messages_segments_and_accepts_every_message_shape(mem):
     turns = [("user", "Hi, I'm Carol and I keep bees."), {"role": "assistant", "content": "Nice, Carol!"},
              HumanMessage("My dog is called Pixel."), AIMessage("Pixel is a great name.")] * 6

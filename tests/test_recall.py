@@ -15,7 +15,7 @@ from d2l_memory.embedder import Embedder
 from d2l_memory.errors import SchemaVersionError
 from d2l_memory.store import MemoryStore
 from d2l_memory.store import migrations as store_migrations
-from d2l_memory.transcripts import retrieval_parts
+from d2l_memory.transcripts import refers_to_user, retrieval_parts
 
 DATA = Path(__file__).parent / "data"
 
@@ -32,6 +32,15 @@ def test_parts_are_sentences_and_joined_statements_without_roles():
     assert retrieval_parts("I live in Lisbon.") == []  # the whole text is the one part
     many = retrieval_parts(" ".join(f"Sentence number {i}." for i in range(100)), max_parts=8)
     assert len(many) == 8 and many[0].startswith("Sentence number 0.") and many[-1].endswith("number 99.")
+
+
+def test_messages_about_the_user_are_told_by_first_person_words():
+    for text in ("Where do I live?", "what's my code", "What did we decide about the trip?", "I'm bored.",
+                 "Remind me of MY number", "Which one is mine?"):
+        assert refers_to_user(text), text
+    for text in ("What is the capital of France?", "Tell me about Paris.", "Is it icy in Iceland?",
+                 "Give us a summary of the news."):
+        assert not refers_to_user(text), text
 
 
 def test_a_memory_scores_by_its_best_part(tmp_path: Path, embedder: Embedder) -> None:

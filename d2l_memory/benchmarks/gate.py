@@ -10,6 +10,13 @@ person ("Where do I live?") and paraphrased ("Which city am I based in?"). Unrel
 control questions; one passes when any of a user's memories reaches the threshold, so it is counted against
 users holding 1, 10 and 100 memories. Passing an unrelated question costs little (the composed adapter's
 interference, docs/training.md); failing a related one loses the memory.
+
+A third table measures the product's own case, the threshold for messages that speak of the user
+(`MemoryConfig.personal_relevance_threshold`): memories are conversations as `absorb_messages` cuts them
+(`training.conversations`, held-out phrasings and values), each asked one of the held-out question forms
+("Do you remember my usual order?"); the unrelated questions are the general control questions and real
+first-person chat questions from the MSC test dialogues ("Do you think I should get a dog?"), against
+users holding that many conversation memories.
 """
 
 from __future__ import annotations
@@ -24,8 +31,11 @@ import torch
 from d2l_memory.benchmarks.common import bench_args, environment, pyplot, report, save_figure, table
 from d2l_memory.embedder import Embedder
 from d2l_memory.memory import MemoryConfig
+from d2l_memory.models import load_model
 from d2l_memory.store.store import part_vectors
+from d2l_memory.training.conversations import conversation_sample, msc_lines
 from d2l_memory.training.data import ATTRIBUTES, control_questions, fact_sample
+from d2l_memory.transcripts import refers_to_user
 
 FIRST_PERSON = {"color": "What is my favorite color?", "city": "Where do I live?",
                 "pet": "What kind of pet do I have?", "job": "What is my job?",
@@ -53,6 +63,19 @@ def chats(n: int, seed: int = 2026) -> list[tuple[str, str]]:
     return out
 
 
+def conversation_memories(n: int, seed: int = 2027) -> tuple[list[str], list[tuple[str, list[int]]]]:
+    """Memories of `n` synthetic users' conversations (held-out phrasings and values, cut as `absorb_messages`
+    cuts them) and, per user, the question asked and the indices of the memories that hold its answer."""
+    tokenizer = load_model().tokenizer
+    rng, memories, asked = random.Random(seed), [], []
+    for _ in range(n):
+        sample = conversation_sample(rng, "eval", lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"]))
+        holding = [m for m in sample.memories if sample.answer in m]
+        asked.append((sample.question, [len(memories) + i for i in range(len(holding))]))
+        memories += holding + [m for m in sample.memories if m not in holding]
+    return memories, asked
+
+
 def _scores(parts: list[np.ndarray], queries: np.ndarray) -> np.ndarray:
     """`[queries, memories]` similarity of each query to each memory's nearest part."""
     return np.stack([(p @ queries.T).max(0) for p in parts], axis=1)
@@ -67,9 +90,34 @@ def run(n_memories: int, n_users: int = 200, seed: int = 0) -> dict[str, Any]:
     para = np.asarray(embedder.embed([PARAPHRASED[key] for _, key in memories]))
     general = np.asarray(embedder.embed([q for q, _ in control_questions("train") + control_questions("eval")]))
     scorings = {"whole": [w[None] for w in whole], "best part": part_vectors(embedder, texts, list(whole))}
+    config = MemoryConfig()
     return {"benchmark": "gate", "environment": environment(), "memories": n_memories,
-            "default": MemoryConfig().relevance_threshold,
-            "scorings": {name: _gate(parts, first, para, general, n_users, seed) for name, parts in scorings.items()}}
+            "default": config.relevance_threshold, "personal_default": config.personal_relevance_threshold,
+            "scorings": {name: _gate(parts, first, para, general, n_users, seed) for name, parts in scorings.items()},
+            "conversations": _conversations(embedder, n_memories // 6, general, n_users, seed)}
+
+
+def _conversations(embedder: Embedder, n: int, general: np.ndarray, n_users: int, seed: int) -> dict[str, Any]:
+    """The related and unrelated pass rates per threshold for `n` users' conversation memories."""
+    memories, asked = conversation_memories(n)
+    parts = part_vectors(embedder, memories, list(np.asarray(embedder.embed(memories))))
+    questions = np.asarray(embedder.embed([q for q, _ in asked]))
+    related = np.array([_scores([parts[i] for i in holding], questions[j : j + 1]).max()
+                        for j, (_, holding) in enumerate(asked)])
+    chat = sorted({line for line in msc_lines("eval") if line.endswith("?") and refers_to_user(line)})
+    chat = random.Random(seed).sample(chat, min(len(chat), 200))
+    unrelated = {"first-person chat": _scores(parts, np.asarray(embedder.embed(chat))),
+                 "general": _scores(parts, general)}
+    rng = np.random.default_rng(seed)
+    users = {size: [rng.choice(len(parts), size=min(size, len(parts)), replace=False) for _ in range(n_users)]
+             for size in USER_SIZES}
+    best = {(kind, size): np.concatenate([scores[:, u].max(1) for u in users[size]])
+            for kind, scores in unrelated.items() for size in USER_SIZES}
+    rows = [{"threshold": t, "related, conversation questions": float((related >= t).mean()),
+             **{f"unrelated {kind}, {size} memories": float((b >= t).mean()) for (kind, size), b in best.items()}}
+            for t in THRESHOLDS]
+    return {"rows": rows, "users": n, "memories": len(memories), "chat_questions": len(chat),
+            "similarity": {"related": {"p5": float(np.percentile(related, 5)), "p50": float(np.median(related))}}}
 
 
 def _gate(parts: list[np.ndarray], first: np.ndarray, para: np.ndarray, general: np.ndarray, n_users: int,
@@ -92,25 +140,32 @@ def _gate(parts: list[np.ndarray], first: np.ndarray, para: np.ndarray, general:
 def render(result: dict[str, Any]) -> str:
     out = f"{result['environment']}; {result['memories']} memories"
     for name, scoring in result["scorings"].items():
-        headers = list(scoring["rows"][0])
-        rows = [[f"**{r['threshold']}**" if r["threshold"] == result["default"] else r["threshold"],
-                 *(f"{r[h]:.3f}" for h in headers[1:])] for r in scoring["rows"]]
-        out += f"\n\nmemory scored by its {name}\n\n" + table(headers, rows)
-    return out
+        out += f"\n\nmemory scored by its {name}\n\n" + _table(scoring["rows"], result["default"])
+    conv = result["conversations"]
+    return out + (f"\n\nconversations ({conv['users']} users, {conv['memories']} memories, {conv['chat_questions']} "
+                  f"chat questions), scored by the best part\n\n" + _table(conv["rows"], result["personal_default"]))
+
+
+def _table(rows: list[dict[str, float]], default: float) -> str:
+    headers = list(rows[0])
+    return table(headers, [[f"**{r['threshold']}**" if r["threshold"] == default else r["threshold"],
+                            *(f"{r[h]:.3f}" for h in headers[1:])] for r in rows])
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(result["scorings"]), figsize=(11, 4), sharey=True)
-    for ax, (name, scoring) in zip(axes, result["scorings"].items(), strict=True):
-        xs = [r["threshold"] for r in scoring["rows"]]
-        for column in list(scoring["rows"][0])[1:]:
-            ax.plot(xs, [r[column] for r in scoring["rows"]], marker="o", label=column,
+    panels = [(f"scored by its {name}", s["rows"], result["default"]) for name, s in result["scorings"].items()]
+    panels.append(("conversations, by the best part", result["conversations"]["rows"], result["personal_default"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 4), sharey=True)
+    for ax, (title, rows, default) in zip(axes, panels, strict=True):
+        xs = [r["threshold"] for r in rows]
+        for column in list(rows[0])[1:]:
+            ax.plot(xs, [r[column] for r in rows], marker="o", label=column,
                     linestyle="-" if column.startswith("related") else "--")
-        ax.axvline(result["default"], color="grey", linewidth=0.8)
-        ax.set(xlabel="relevance threshold (MiniLM cosine)", title=f"scored by its {name}")
+        ax.axvline(default, color="grey", linewidth=0.8)
+        ax.set(xlabel="relevance threshold (MiniLM cosine)", title=title)
+        ax.legend(fontsize=6)
     axes[0].set_ylabel("fraction passing the gate")
-    axes[0].legend(fontsize=7)
     save_figure(fig, path)
 
 
