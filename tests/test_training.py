@@ -202,6 +202,18 @@ def test_values_come_from_open_pools_split_by_hash():
         assert all(conversations.is_eval_value(conversations.draw_value(kind, rng, "eval")) for _ in range(20))
 
 
+def test_a_seed_draws_the_same_data_in_every_process():
+    # String hashing differs per process; a set's order leaking into a draw (Faker's it_IT cities did) would
+    # make training data and the evaluation's users change from run to run.
+    script = ("import hashlib, json; from d2l_memory.training.prepare import DEFAULT_MIX, draw; "
+              "s = draw(300, 4, DEFAULT_MIX, 'train', None, (150, 3000)) + draw(60, 1, DEFAULT_MIX, 'eval', None, "
+              "(150, 3000)); print(hashlib.sha1(json.dumps([[x.context, x.question, x.answer, x.memories] "
+              "for x in s]).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2")}
+    assert len(digests) == 1
+
+
 def test_conversation_memories_are_the_segments_absorb_messages_writes(base):
     count = lambda text: len(base.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     for seed in range(30):

@@ -60,7 +60,13 @@ MODELS = ["Corolla", "XC40", "Panda", "Octavia", "Civic", "Outback", "Niro", "Cl
 
 @cache
 def _faker(locale: str) -> Faker:
-    return Faker(locale)
+    f = Faker(locale)
+    # Some locales (it_IT) build their city list from a set, whose order changes with each process's string
+    # hashing: sorted, one seed draws the same city in every process, so data and evaluation are reproducible.
+    for provider in f.providers:
+        if isinstance(getattr(provider, "cities", None), list):
+            provider.cities = sorted(provider.cities)
+    return f
 
 
 def _fake(rng: random.Random, latin: bool = True) -> Faker:
