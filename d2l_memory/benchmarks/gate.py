@@ -35,6 +35,7 @@ from d2l_memory.models import load_model
 from d2l_memory.store.store import part_vectors
 from d2l_memory.training.conversations import conversation_sample, msc_lines
 from d2l_memory.training.data import ATTRIBUTES, control_questions, fact_sample
+from d2l_memory.training.prepare import token_counter
 from d2l_memory.transcripts import refers_to_user
 
 FIRST_PERSON = {"color": "What is my favorite color?", "city": "Where do I live?",
@@ -66,10 +67,10 @@ def chats(n: int, seed: int = 2026) -> list[tuple[str, str]]:
 def conversation_memories(n: int, seed: int = 2027) -> tuple[list[str], list[tuple[str, list[int]]]]:
     """Memories of `n` synthetic users' conversations (held-out phrasings and values, cut as `absorb_messages`
     cuts them) and, per user, the question asked and the indices of the memories that hold its answer."""
-    tokenizer = load_model().tokenizer
+    count_tokens = token_counter(load_model().tokenizer)
     rng, memories, asked = random.Random(seed), [], []
     for _ in range(n):
-        sample = conversation_sample(rng, "eval", lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"]))
+        sample = conversation_sample(rng, "eval", count_tokens)
         holding = [m for m in sample.memories if sample.answer in m]
         asked.append((sample.question, [len(memories) + i for i in range(len(holding))]))
         memories += holding + [m for m in sample.memories if m not in holding]
