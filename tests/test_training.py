@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from d2l_memory.compose import member_weight
 from d2l_memory.d2l import DocToLoRA
-from d2l_memory.hypernet import HypernetConfig
+from d2l_memory.encoder import ContextFeatures
+from d2l_memory.hypernet import HyperLoRA, HypernetConfig
 from d2l_memory.lora import LoRA
 from d2l_memory.scoring import token_f1
 from d2l_memory.training import conversations, recital
@@ -30,6 +31,7 @@ from d2l_memory.training.data import (
     squad_samples,
 )
 from d2l_memory.training.evaluate import QA_SETS, held_out_questions
+from d2l_memory.training.objective import slot_overlap
 from d2l_memory.training.plot import plot
 from d2l_memory.training.prepare import DEFAULT_MIX, build_mix, control_prompts, draw
 from d2l_memory.training.teacher import ShardSet, build_shard
@@ -106,7 +108,28 @@ def test_resume_is_exact(shard_dir, tmp_path):
     assert 0 < (c["scaler_b"] - a["scaler_b"]).abs().max() < a["scaler_b"].abs().max()
     assert "usage_gap" in metrics[-1] and metrics[-1]["scaler_b"] > 0  # the B scalers left zero: it learns
     assert metrics[-1]["eval_loss_chunked"] > 0 and 0 <= metrics[-1]["eval_recall"] <= 1
+    assert 0 < metrics[-1]["slot_overlap"] < 1  # logged at every step, trained or not
     assert plot(tmp_path / "straight").stat().st_size > 10_000  # the curves of a run, chunked loss included
+
+
+def test_slot_overlap_is_zero_for_distinct_keys_one_for_a_shared_key_and_training_lowers_it():
+    eye = torch.eye(4, 16).reshape(1, 1, 4, 16)
+    assert slot_overlap(eye).item() == pytest.approx(0.0, abs=1e-6)
+    assert slot_overlap(torch.ones(2, 3, 4, 16)).item() == pytest.approx(1.0)
+    # On a real hypernetwork over real chunk features, the term's gradient spreads the fast-weight slots.
+    torch.manual_seed(0)
+    config = HypernetConfig(layers=[0, 1], latent_dim=64, n_latents=4, n_blocks=1)
+    net = HyperLoRA(config)
+    n = 24
+    feats = ContextFeatures(hidden=torch.randn(2, 1, n, config.hidden_size), mask=torch.ones(2, n, dtype=torch.bool),
+                            keys=torch.randn(2, 2, n, config.d_in), next_embed=torch.randn(2, n, config.hidden_size))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    before = slot_overlap(net(feats)[0]).item()
+    for _ in range(30):
+        opt.zero_grad()
+        slot_overlap(net(feats)[0]).backward()
+        opt.step()
+    assert slot_overlap(net(feats)[0]).item() < 0.5 * before
 
 
 def test_stage_two_never_cuts_a_context_below_the_chunk_floor(base):

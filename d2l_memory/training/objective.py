@@ -6,9 +6,10 @@ Per response token t with teacher top-k `(ids, logprobs)`:
 
 averaged over the response tokens of each example, then over examples (one question per context
 here, so this is the paper's per-context average), plus `l1 * mean(|A|) + mean(|B|)` over the
-generated factors. With `use_gold_ce` the teacher is replaced by plain cross-entropy on the stored
-response tokens (the paper's choice for needle data). Logits are computed only at response positions:
-the 49k-way head would otherwise dominate the step on CPU.
+generated factors, plus `slot_diversity * slot_overlap(A)` (below). With `use_gold_ce` the teacher is
+replaced by plain cross-entropy on the stored response tokens (the paper's choice for needle data).
+Logits are computed only at response positions: the 49k-way head would otherwise dominate the step on
+CPU.
 """
 
 from __future__ import annotations
@@ -84,3 +85,20 @@ def per_example_loss(base: LoadedModel, batch: StudentBatch, factors: dict, scal
 def l1_penalty(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean absolute value of the generated factors (the paper's L1 on the generated LoRA)."""
     return a.abs().mean() + b.abs().mean()
+
+
+def slot_overlap(a: torch.Tensor) -> torch.Tensor:
+    """How much one chunk's rank slots write the same key, in [0, 1]: for `a [K, L, r, d_in]`,
+
+        overlap = mean over chunks k, layers l and slot pairs i != j of cos(a[k, l, i], a[k, l, j])^2
+
+    0 when every slot of a layer writes its own direction, 1 when all write one. The fast-weight path's
+    slots collapse onto a few tokens of a chunk (docs/training.md); each token of each told value needs
+    its own key-value pair, so training can push this down (`TrainConfig.slot_diversity`).
+    """
+    rank = a.shape[-2]
+    if rank < 2:
+        return a.new_zeros(())
+    unit = torch.nn.functional.normalize(a.float(), dim=-1)
+    cos2 = (unit @ unit.transpose(-1, -2)).pow(2)  # [K, L, r, r], diagonal 1
+    return (cos2.sum((-1, -2)) - rank).mean() / (rank * (rank - 1))

@@ -44,7 +44,7 @@ from d2l_memory.home import sha256_file
 from d2l_memory.hypernet import HypernetConfig
 from d2l_memory.models import load_model
 from d2l_memory.scoring import contains
-from d2l_memory.training.objective import l1_penalty, per_example_loss, student_batch
+from d2l_memory.training.objective import l1_penalty, per_example_loss, slot_overlap, student_batch
 from d2l_memory.training.teacher import ShardSet, greedy, prompt_ids
 
 
@@ -67,6 +67,8 @@ class TrainConfig(BaseModel):
     batch_size: int = 8
     grad_accum: int = 1
     l1: float = 0.1
+    slot_diversity: float = Field(0.0, ge=0.0, description="weight of `objective.slot_overlap` on the "
+                                  "generated A factors (0: logged, not trained)")
     stage2_step: int = 2000
     max_chunks: int = 8
     min_chunk_tokens: int = Field(25, description="stage 2 cuts no context into chunks shorter than this")
@@ -369,7 +371,7 @@ def train(config: TrainConfig) -> None:
                     checkpoint()
                 break
             opt.zero_grad(set_to_none=True)
-            metrics = {"loss": 0.0, "l1": 0.0}
+            metrics = {"loss": 0.0, "l1": 0.0, "slot_overlap": 0.0}
             for _ in range(config.grad_accum):
                 if position + config.batch_size * world > len(order):
                     # New epoch: pick up shards written since (data preparation may run alongside).
@@ -388,10 +390,12 @@ def train(config: TrainConfig) -> None:
                 batch = student_batch(base, examples)
                 kd = per_example_loss(base, batch, factors, d2l.config.scale, config.gold_ce).mean()
                 reg = l1_penalty(a, b)
-                loss = (kd + config.l1 * reg) / config.grad_accum
+                overlap = slot_overlap(a)
+                loss = (kd + config.l1 * reg + config.slot_diversity * overlap) / config.grad_accum
                 loss.backward()
                 metrics["loss"] += kd.item() / config.grad_accum
                 metrics["l1"] += reg.item() / config.grad_accum
+                metrics["slot_overlap"] += overlap.item() / config.grad_accum
             if distributed:  # data parallel: every rank steps with the mean gradient (what DDP computes)
                 for p in d2l.hypernet.parameters():
                     dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)  # AVG is not available on gloo (CPU)
