@@ -116,7 +116,7 @@ def test_slot_overlap_is_zero_for_distinct_keys_one_for_a_shared_key_and_trainin
     eye = torch.eye(4, 16).reshape(1, 1, 4, 16)
     assert slot_overlap(eye).item() == pytest.approx(0.0, abs=1e-6)
     assert slot_overlap(torch.ones(2, 3, 4, 16)).item() == pytest.approx(1.0)
-    # On a real hypernetwork over real chunk features, the term's gradient spreads the fast-weight slots.
+    # On a real hypernetwork (random chunk features), the term's gradient spreads the fast-weight slots.
     torch.manual_seed(0)
     config = HypernetConfig(layers=[0, 1], latent_dim=64, n_latents=4, n_blocks=1)
     net = HyperLoRA(config)
