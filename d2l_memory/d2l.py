@@ -1,7 +1,8 @@
 """`DocToLoRA`: a document in, a LoRA adapter out, in one forward pass (no gradient steps).
 
 text -> chunks (chat turns) -> frozen base model (per-layer activations) -> hypernetwork -> per-chunk
-rank-r factors -> concatenated along the rank with the learned bias slot -> `LoRA` of rank (K+1) r.
+rank-`chunk_rank` factors -> concatenated along the rank with the learned rank-r bias slot -> `LoRA` of rank
+K chunk_rank + r (chunk_rank = r without fast-only slots).
 Chunks are encoded a few at a time and only their small factors are kept, so memory stays flat in
 the document length.
 """
@@ -111,7 +112,7 @@ class DocToLoRA:
         return chunk_document(self.base.tokenizer, text, self.config.chunk_tokens, self.max_positions)
 
     def chunk_factors(self, chunks: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Factors for wrapped chunks: `A [K, L, r, d_in]`, `B [K, L, d_out, r]`, in the order given.
+        """Factors for wrapped chunks: `A [K, L, R, d_in]`, `B [K, L, d_out, R]` (`R = config.chunk_rank`), in order.
 
         Encoded in passes of similar-length chunks (`micro_batches`): one pass over a mixed batch pads
         every chunk to the longest, and in training most positions were padding. Gradients flow into the
@@ -142,18 +143,18 @@ class DocToLoRA:
                  rows: Sequence[Sequence[tuple[int, float]]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row adapters from per-chunk factors: the one assembly serving and training share.
 
-        Row i stacks the chunks `rows[i]` (pairs of chunk index into `a_chunks [K, L, r, d_in]` /
-        `b_chunks [K, L, d_out, r]` and weight) along the rank, each weight folded into its A rows,
-        zero-pads to the widest row, then appends the bias slot once, unweighted (as `LoRA.concat`
-        composes stored memories):
+        Row i stacks the chunks `rows[i]` (pairs of chunk index into `a_chunks [K, L, R_c, d_in]` /
+        `b_chunks [K, L, d_out, R_c]`, `R_c = config.chunk_rank`, and weight) along the rank, each weight
+        folded into its A rows, zero-pads to the widest row, then appends the bias slot once, unweighted
+        (as `LoRA.concat` composes stored memories):
 
             delta_W_i = scale * (sum_{(k, w) in rows[i]} w * B_k A_k + B_bias A_bias)
 
         Returns:
-            `A [n_rows, L, R, d_in]`, `B [n_rows, L, d_out, R]` with `R = max_i len(rows[i]) * r (+ r bias)`;
+            `A [n_rows, L, R, d_in]`, `B [n_rows, L, d_out, R]` with `R = max_i len(rows[i]) * R_c (+ r bias)`;
             gradients flow through when the factors carry them.
         """
-        n_layers, r, d_in, d_out = a_chunks.shape[1], self.config.rank, self.config.d_in, self.config.d_out
+        n_layers, r, d_in, d_out = a_chunks.shape[1], a_chunks.shape[2], self.config.d_in, self.config.d_out
         width = max(len(row) for row in rows) * r
         a_rows, b_rows = [], []
         for row in rows:
@@ -179,7 +180,8 @@ class DocToLoRA:
                     n_chunks=a_chunks.shape[0], bias_rows=self.config.rank if self.hypernet.bias() is not None else 0)
 
     def internalize(self, text: str) -> LoRA:
-        """Turn `text` into an adapter: rank `(K+1) r` for K chunks (the +1 is the bias slot).
+        """Turn `text` into an adapter: rank `K chunk_rank + r` for K chunks (`+ r`: the bias slot; without
+        fast-only slots, `(K+1) r`).
 
         Raises:
             TypeError / ValueError: `text` is not a non-empty str (see `chunking.validate_text`).

@@ -25,6 +25,12 @@ Deviations, and why:
   `delta_W = sum_i b_i a_i^T` is a key-value memory from the start. A measured prototype of the plain
   design never used the document on this compute budget (issue #4); this gives the gradient a short
   path from the document to the adapter.
+- Fast-only slots (`fast_slots`, default 0): extra rank slots per layer with their own decoder queries
+  that write only the fast-weight key-value pair (no head rows), so a chunk's adapter has
+  `chunk_rank = rank + fast_slots` rows per layer. The `rank` slots pick only a few distinct tokens of a
+  chunk (docs/training.md, "What the fast-weight path writes"), while every token of every told value
+  needs a pair of its own; these slots add that capacity without widening the head. Their B scalers
+  start at zero, so they can be added to a trained network without changing what it emits.
 """
 
 from __future__ import annotations
@@ -68,6 +74,8 @@ class HypernetConfig(BaseModel):
     n_heads: int = 4
     mlp_ratio: int = 2
     fast_weights: bool = True
+    fast_slots: int = Field(0, ge=0, description="extra rank slots per layer that only the fast-weight path "
+                            "writes (needs fast_weights)")
     bias_lora: bool = True
     scale: float = Field(1.0, description="delta_W = scale * B A")
     chunk_tokens: int = Field(512, description="document tokens per chunk")
@@ -78,6 +86,8 @@ class HypernetConfig(BaseModel):
             raise ValueError("layers must be a non-empty ascending list of distinct block indices")
         if self.fast_weights and self.encoder != "per_layer":
             raise ValueError("fast_weights needs encoder='per_layer' (keys are per-layer activations)")
+        if self.fast_slots and not self.fast_weights:
+            raise ValueError("fast_slots needs fast_weights=true (they write only fast-weight key-value pairs)")
         if self.layer_to_layer and self.encoder != "per_layer":
             raise ValueError("layer_to_layer needs encoder='per_layer'")
         if self.rank < 1 or self.chunk_tokens < 16:
@@ -140,6 +150,11 @@ class HypernetConfig(BaseModel):
                              "documents and questions through: add one (tokenizer_config.json 'chat_template')")
         return config
 
+    @property
+    def chunk_rank(self) -> int:
+        """Rank rows one chunk's adapter has per layer: the head's `rank` slots plus the fast-only slots."""
+        return self.rank + self.fast_slots
+
     def hidden_layers(self) -> list[int]:
         """The blocks whose input hidden state the aggregator reads."""
         if self.layer_to_layer:
@@ -197,8 +212,10 @@ class CrossAttentionBlock(nn.Module):
 class HyperLoRA(nn.Module):
     """Maps one chunk's `ContextFeatures` to LoRA factors for every target layer.
 
-    `forward` returns `A [B, L, r, d_in]` and `B [B, L, d_out, r]` (before the bias LoRA is appended);
-    the applied delta is `config.scale * B @ A` per layer.
+    `forward` returns `A [B, L, R, d_in]` and `B [B, L, d_out, R]` with `R = config.chunk_rank` (before the
+    bias LoRA is appended); the applied delta is `config.scale * B @ A` per layer. Rows `:rank` are the
+    head's slots (head rows plus, with `fast_weights`, their fast-weight pair), rows `rank:` the fast-only
+    slots.
     """
 
     def __init__(self, config: HypernetConfig) -> None:
@@ -226,6 +243,10 @@ class HyperLoRA(nn.Module):
             self.slot_key = nn.Linear(d, d, bias=False)
             self.token_key = nn.Linear(d, d, bias=False)
             self.value_gain = nn.Parameter(torch.ones(n_layers, 1, 1))
+        if c.fast_slots:
+            self.fast_queries = nn.Parameter(torch.randn(c.fast_slots, d))
+            self.fast_scaler_a = nn.Parameter(torch.ones(n_layers, c.fast_slots))
+            self.fast_scaler_b = nn.Parameter(torch.zeros(n_layers, c.fast_slots))
         if c.bias_lora:
             self.bias_a = nn.Parameter(torch.randn(n_layers, c.rank, c.d_in) * (0.2 / math.sqrt(c.d_in * c.rank)))
             self.bias_b = nn.Parameter(torch.zeros(n_layers, c.d_out, c.rank))
@@ -233,31 +254,37 @@ class HyperLoRA(nn.Module):
     def forward(self, feats: ContextFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         batch, _, n_tok, _ = feats.hidden.shape
-        n_layers, r = len(c.layers), c.rank
+        n_layers, r, n_slots = len(c.layers), c.rank, c.chunk_rank
+        slot_queries = self.slot_queries if not c.fast_slots else torch.cat([self.slot_queries, self.fast_queries])
         tokens = self.in_proj(self.in_norm(feats.hidden.float()))  # [B, L|1, N, d]
         if c.layer_to_layer:  # fold layers into the batch: one shared Perceiver per layer's activations
             tokens = (tokens + self.layer_embed[None, :, None, :]).reshape(batch * n_layers, n_tok, -1)
             mask = feats.mask.repeat_interleave(n_layers, dim=0)
-            queries = self.slot_queries.expand(batch * n_layers, -1, -1)
+            queries = slot_queries.expand(batch * n_layers, -1, -1)
         else:  # one pass; the decoder asks one query per (layer, rank slot)
             tokens, mask = tokens[:, 0], feats.mask
-            queries = (self.layer_embed[:, None, :] + self.slot_queries[None]).reshape(1, n_layers * r, -1)
+            queries = (self.layer_embed[:, None, :] + slot_queries[None]).reshape(1, n_layers * n_slots, -1)
             queries = queries.expand(batch, -1, -1)
         latents = self.latents.expand(tokens.shape[0], -1, -1)
         for block in self.blocks:
             latents = block(latents, tokens, mask)
-        slots = self.decoder(queries, self.latent_norm(latents), None).reshape(batch, n_layers, r, -1)
+        slots = self.decoder(queries, self.latent_norm(latents), None).reshape(batch, n_layers, n_slots, -1)
         tokens = tokens.reshape(batch, -1, n_tok, tokens.shape[-1])  # [B, L|1, N, d]
         hidden = torch.einsum("blrd,ldh->blrh", self.pre_norm(slots), self.pre_up)
         slots = self.post_norm(slots + torch.einsum("blrh,lhd->blrd", F.silu(hidden), self.pre_down))
         slots = F.normalize(slots, dim=-1)
-        rows = torch.einsum("blrd,ldo->blro", slots, self.head)
+        rows = torch.einsum("blrd,ldo->blro", slots[:, :, :r], self.head)
         a, b = rows[..., : c.d_in], rows[..., c.d_in :]
+        scaler_a, scaler_b = self.scaler_a, self.scaler_b
         if c.fast_weights:
             a_fast, b_fast = self._fast_weights(slots, tokens, feats)
-            a, b = a + a_fast, b + self.value_gain * b_fast
-        a = a * self.scaler_a[None, :, :, None]
-        b = b * self.scaler_b[None, :, :, None]
+            a = torch.cat([a + a_fast[:, :, :r], a_fast[:, :, r:]], dim=2)
+            b = torch.cat([b + self.value_gain * b_fast[:, :, :r], self.value_gain * b_fast[:, :, r:]], dim=2)
+        if c.fast_slots:
+            scaler_a = torch.cat([scaler_a, self.fast_scaler_a], dim=1)
+            scaler_b = torch.cat([scaler_b, self.fast_scaler_b], dim=1)
+        a = a * scaler_a[None, :, :, None]
+        b = b * scaler_b[None, :, :, None]
         return a, b.transpose(-1, -2)
 
     def _fast_weights(self, slots: torch.Tensor, tokens: torch.Tensor, feats: ContextFeatures

@@ -123,3 +123,23 @@ def test_adapter_applies_and_changes_output(trained_like):
         with lora_applied(trained_like.base.model, lora):
             changed = trained_like.base.model(ids).logits
     assert (plain - changed).abs().max() > 0
+
+
+def test_fast_only_slots_widen_each_chunk_and_start_silent(base, trained_like):
+    with pytest.raises(ValueError, match="fast_slots needs fast_weights"):
+        HypernetConfig(**{**SMALL.model_dump(), "fast_slots": 4, "fast_weights": False})
+    grown = DocToLoRA.untrained(SMALL.model_copy(update={"fast_slots": 4}), base, seed=3)
+    missing, unexpected = grown.hypernet.load_state_dict(trained_like.hypernet.state_dict(), strict=False)
+    assert sorted(missing) == ["fast_queries", "fast_scaler_a", "fast_scaler_b"] and not unexpected
+    grown.hypernet.eval()
+    text = " ".join(f"Fact {i}: the code of box {i} is {1000 + i}." for i in range(12))
+    before, after = trained_like.internalize(text), grown.internalize(text)
+    assert after.rank == after.n_chunks * (SMALL.rank + 4) + SMALL.rank and after.n_chunks > 1
+    # Added to trained weights, the new slots' zero B scalers leave every delta as it was ...
+    for name in before.modules:
+        assert torch.allclose(before.delta(name), after.delta(name), atol=1e-5)
+    # ... and once they open, they write keys of their own into the adapter.
+    with torch.no_grad():
+        grown.hypernet.fast_scaler_b.fill_(0.5)
+    opened = grown.internalize(text)
+    assert any((opened.delta(n) - before.delta(n)).abs().max() > 1e-4 for n in before.modules)

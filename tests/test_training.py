@@ -106,6 +106,13 @@ def test_resume_is_exact(shard_dir, tmp_path):
     c = load_file(tmp_path / "continued" / "last" / "hypernet.safetensors")
     # One step from `a` moves the B scalers less than the four steps that took them from zero to `a`.
     assert 0 < (c["scaler_b"] - a["scaler_b"]).abs().max() < a["scaler_b"].abs().max()
+    # ... and may add fast-only slots to them, which start silent (zero B scalers) and then learn.
+    train(_config(shard_dir, tmp_path / "grown", init_from=tmp_path / "straight" / "last", total_steps=1,
+                  hypernet={**TINY, "fast_slots": 2}))
+    assert load_file(tmp_path / "grown" / "last" / "hypernet.safetensors")["fast_scaler_b"].abs().max() > 0
+    with pytest.raises(ValueError, match="may only add fast_slots"):
+        train(_config(shard_dir, tmp_path / "other", init_from=tmp_path / "straight" / "last",
+                      hypernet={**TINY, "rank": 2}))
     assert "usage_gap" in metrics[-1] and metrics[-1]["scaler_b"] > 0  # the B scalers left zero: it learns
     assert metrics[-1]["eval_loss_chunked"] > 0 and 0 <= metrics[-1]["eval_recall"] <= 1
     assert 0 < metrics[-1]["slot_overlap"] < 1  # logged at every step, trained or not

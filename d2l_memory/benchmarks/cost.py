@@ -107,7 +107,7 @@ def run(size: Size) -> dict[str, Any]:
                        d2l.internalize(document(base.tokenizer, 64)).weights.values()) * 2  # bf16 bytes
         rows = []
         for n in size.kv_tokens:
-            rank = (math.ceil(n / cfg.chunk_tokens) + 1) * cfg.rank
+            rank = math.ceil(n / cfg.chunk_tokens) * cfg.chunk_rank + cfg.rank
             rows.append({"tokens": n, "kv_bytes": kv_per_token * n, "adapter_rank": rank,
                          "adapter_bytes": per_rank * rank,
                          "served_rank": min(rank, mem.config.rank_budget),

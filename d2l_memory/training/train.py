@@ -58,7 +58,8 @@ class TrainConfig(BaseModel):
     out: Path = Path("runs/d2l")
     hypernet: HypernetConfig = Field(default_factory=HypernetConfig)
     init_from: Path | None = Field(None, description="start a new run from these hypernetwork weights "
-                                   "(e.g. the shipped checkpoint); ignored when the run resumes")
+                                   "(e.g. the shipped checkpoint), of the same config or one without the "
+                                   "fast-only slots this run adds; ignored when the run resumes")
     lr: float = 5e-4
     scaler_lr: float = 5e-3
     weight_decay: float = 0.01
@@ -157,9 +158,9 @@ def make_optimizer(d2l: DocToLoRA, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW; no decay on scalers, norms, biases and latents; scalers at their own (higher) rate."""
     decay, no_decay, scalers = [], [], []
     for name, p in d2l.hypernet.named_parameters():
-        if name.startswith("scaler_") or name == "value_gain":
+        if name.startswith(("scaler_", "fast_scaler_")) or name == "value_gain":
             scalers.append(p)
-        elif p.dim() < 2 or "norm" in name or name in ("latents", "slot_queries", "layer_embed"):
+        elif p.dim() < 2 or "norm" in name or name in ("latents", "slot_queries", "fast_queries", "layer_embed"):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -333,9 +334,13 @@ def train(config: TrainConfig) -> None:
     d2l.pass_tokens = config.pass_tokens
     if config.init_from is not None:
         start = DocToLoRA.from_pretrained(config.init_from, base=base)
-        if start.config != config.hypernet:
-            raise ValueError(f"{config.init_from} has another hypernetwork config than this run")
-        d2l.hypernet.load_state_dict(start.hypernet.state_dict())
+        grown = start.config.fast_slots == 0 < config.hypernet.fast_slots
+        if start.config.model_copy(update={"fast_slots": config.hypernet.fast_slots}) != config.hypernet or \
+                not (grown or start.config.fast_slots == config.hypernet.fast_slots):
+            raise ValueError(f"{config.init_from} has another hypernetwork config than this run (a run may only "
+                             "add fast_slots to weights that have none)")
+        # Added fast-only slots keep their initialisation, whose zero B scalers leave the adapters unchanged.
+        d2l.hypernet.load_state_dict(start.hypernet.state_dict(), strict=not grown)
     d2l.hypernet.train()
     opt = make_optimizer(d2l, config)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config))
