@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from d2l_memory.chunking import chunk_document
-from d2l_memory.encoder import encode
+from d2l_memory.encoder import ContextFeatures, encode
 from d2l_memory.hypernet import HyperLoRA, HypernetConfig
 from d2l_memory.lora import LoRA
 from d2l_memory.models import LoadedModel, load_model
@@ -126,6 +126,10 @@ class DocToLoRA:
         return torch.cat([a for a, _ in parts])[inverse], torch.cat([b for _, b in parts])[inverse]
 
     def _pass(self, chunks: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.hypernet(self.features(chunks))
+
+    def features(self, chunks: Sequence[list[int]]) -> ContextFeatures:
+        """What the hypernetwork reads from wrapped chunks (one encoder pass, padded to the longest)."""
         pad = self.base.tokenizer.pad_token_id or 0
         width = max(len(c) for c in chunks)
         ids = torch.full((len(chunks), width), pad, dtype=torch.long)
@@ -135,9 +139,8 @@ class DocToLoRA:
             mask[i, : len(chunk)] = 1
         c = self.config
         with self.base.lock:  # the encoder's hooks must not meet an engine's on the shared model
-            feats = encode(self.base.model, ids, mask, c.layers, c.target, c.hidden_layers(), c.encoder,
-                           c.early_exit_layers, with_keys=c.fast_weights)
-        return self.hypernet(feats)
+            return encode(self.base.model, ids, mask, c.layers, c.target, c.hidden_layers(), c.encoder,
+                          c.early_exit_layers, with_keys=c.fast_weights)
 
     def assemble(self, a_chunks: torch.Tensor, b_chunks: torch.Tensor,
                  rows: Sequence[Sequence[tuple[int, float]]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -253,8 +253,37 @@ class HyperLoRA(nn.Module):
 
     def forward(self, feats: ContextFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
+        slots, tokens = self._slots(feats)
+        r = c.rank
+        rows = torch.einsum("blrd,ldo->blro", slots[:, :, :r], self.head)
+        a, b = rows[..., : c.d_in], rows[..., c.d_in :]
+        scaler_a, scaler_b = self.scaler_a, self.scaler_b
+        if c.fast_weights:
+            a_fast, b_fast = self._fast_weights(self._attention(slots, tokens, feats.mask), feats)
+            a = torch.cat([a + a_fast[:, :, :r], a_fast[:, :, r:]], dim=2)
+            b = torch.cat([b + self.value_gain * b_fast[:, :, :r], self.value_gain * b_fast[:, :, r:]], dim=2)
+        if c.fast_slots:
+            scaler_a = torch.cat([scaler_a, self.fast_scaler_a], dim=1)
+            scaler_b = torch.cat([scaler_b, self.fast_scaler_b], dim=1)
+        a = a * scaler_a[None, :, :, None]
+        b = b * scaler_b[None, :, :, None]
+        return a, b.transpose(-1, -2)
+
+    def slot_attention(self, feats: ContextFeatures) -> torch.Tensor:
+        """Which chunk tokens each fast-weight slot reads: `[B, L, R, N]`, rows summing to 1 over real tokens
+        (`R = config.chunk_rank`). Slot i writes the weighted mean of the tokens' module inputs into its A row
+        and of their successors' embeddings into its B row (`training/slots.py` reports how many distinct
+        tokens the slots of a layer pick)."""
+        if not self.config.fast_weights:
+            raise ValueError("this hypernetwork has no fast-weight path (fast_weights=false)")
+        slots, tokens = self._slots(feats)
+        return self._attention(slots, tokens, feats.mask)
+
+    def _slots(self, feats: ContextFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit slot vectors `[B, L, R, d]` and the projected chunk tokens `[B, L|1, N, d]`."""
+        c = self.config
         batch, _, n_tok, _ = feats.hidden.shape
-        n_layers, r, n_slots = len(c.layers), c.rank, c.chunk_rank
+        n_layers, n_slots = len(c.layers), c.chunk_rank
         slot_queries = self.slot_queries if not c.fast_slots else torch.cat([self.slot_queries, self.fast_queries])
         tokens = self.in_proj(self.in_norm(feats.hidden.float()))  # [B, L|1, N, d]
         if c.layer_to_layer:  # fold layers into the batch: one shared Perceiver per layer's activations
@@ -272,30 +301,17 @@ class HyperLoRA(nn.Module):
         tokens = tokens.reshape(batch, -1, n_tok, tokens.shape[-1])  # [B, L|1, N, d]
         hidden = torch.einsum("blrd,ldh->blrh", self.pre_norm(slots), self.pre_up)
         slots = self.post_norm(slots + torch.einsum("blrh,lhd->blrd", F.silu(hidden), self.pre_down))
-        slots = F.normalize(slots, dim=-1)
-        rows = torch.einsum("blrd,ldo->blro", slots[:, :, :r], self.head)
-        a, b = rows[..., : c.d_in], rows[..., c.d_in :]
-        scaler_a, scaler_b = self.scaler_a, self.scaler_b
-        if c.fast_weights:
-            a_fast, b_fast = self._fast_weights(slots, tokens, feats)
-            a = torch.cat([a + a_fast[:, :, :r], a_fast[:, :, r:]], dim=2)
-            b = torch.cat([b + self.value_gain * b_fast[:, :, :r], self.value_gain * b_fast[:, :, r:]], dim=2)
-        if c.fast_slots:
-            scaler_a = torch.cat([scaler_a, self.fast_scaler_a], dim=1)
-            scaler_b = torch.cat([scaler_b, self.fast_scaler_b], dim=1)
-        a = a * scaler_a[None, :, :, None]
-        b = b * scaler_b[None, :, :, None]
-        return a, b.transpose(-1, -2)
+        return F.normalize(slots, dim=-1), tokens
 
-    def _fast_weights(self, slots: torch.Tensor, tokens: torch.Tensor, feats: ContextFeatures
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Each slot picks document tokens; its A row is their (normalised) module-input activations,
-        # its B row their successors' embeddings: a key -> value association written into delta_W.
+    def _attention(self, slots: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         token_keys = self.token_key(tokens).expand(-1, slots.shape[1], -1, -1)
         scores = torch.einsum("blrd,blnd->blrn", self.slot_key(slots), token_keys)
         scores = scores / math.sqrt(slots.shape[-1])
-        scores = scores.masked_fill(~feats.mask[:, None, None, :], float("-inf"))
-        weights = scores.softmax(-1)
+        return scores.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
+
+    def _fast_weights(self, weights: torch.Tensor, feats: ContextFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        # Each slot picks document tokens; its A row is their (normalised) module-input activations,
+        # its B row their successors' embeddings: a key -> value association written into delta_W.
         keys = F.normalize(feats.keys.float(), dim=-1)  # [B, L, N, d_in]
         a = torch.einsum("blrn,blni->blri", weights, keys)
         b = torch.einsum("blrn,bno->blro", weights, feats.next_embed.float())

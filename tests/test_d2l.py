@@ -143,3 +143,19 @@ def test_fast_only_slots_widen_each_chunk_and_start_silent(base, trained_like):
         grown.hypernet.fast_scaler_b.fill_(0.5)
     opened = grown.internalize(text)
     assert any((opened.delta(n) - before.delta(n)).abs().max() > 1e-4 for n in before.modules)
+
+
+def test_slot_attention_covers_every_slot_and_the_slot_report_locates_the_value(base):
+    from d2l_memory.training.slots import slot_report
+
+    grown = DocToLoRA.untrained(SMALL.model_copy(update={"fast_slots": 4}), base, seed=3)
+    chunk = grown.chunks("User: My locker code is 7731, please keep it.")[0]
+    weights = grown.hypernet.slot_attention(grown.features([chunk]))
+    assert weights.shape == (1, len(SMALL.layers), SMALL.rank + 4, len(chunk))
+    assert torch.allclose(weights.sum(-1), torch.ones(1, len(SMALL.layers), SMALL.rank + 4))
+    report = slot_report(grown, "User: My locker code is 7731, please keep it.", "7731")
+    assert report["value_tokens"] >= 1 and 1 <= report["distinct"] <= SMALL.rank
+    assert 1 <= report["distinct_fast"] <= 4 and 0 <= report["value_per_layer"] <= report["value_any"] <= 1
+    with pytest.raises(ValueError, match="no fast-weight path"):
+        DocToLoRA.untrained(SMALL.model_copy(update={"fast_weights": False}), base).hypernet.slot_attention(
+            grown.features([chunk]))

@@ -110,6 +110,7 @@ def test_resume_is_exact(shard_dir, tmp_path):
     train(_config(shard_dir, tmp_path / "grown", init_from=tmp_path / "straight" / "last", total_steps=1,
                   hypernet={**TINY, "fast_slots": 2}))
     assert load_file(tmp_path / "grown" / "last" / "hypernet.safetensors")["fast_scaler_b"].abs().max() > 0
+    assert json.loads((tmp_path / "grown" / "metrics.jsonl").read_text())["fast_scaler_b"] > 0
     with pytest.raises(ValueError, match="may only add fast_slots"):
         train(_config(shard_dir, tmp_path / "other", init_from=tmp_path / "straight" / "last",
                       hypernet={**TINY, "rank": 2}))

@@ -414,6 +414,8 @@ def train(config: TrainConfig) -> None:
             record = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0], "elapsed": time.time() - started,
                       "samples": step * config.batch_size * config.grad_accum * world, **metrics,
                       "scaler_b": d2l.hypernet.scaler_b.abs().mean().item()}
+            if d2l.config.fast_slots:  # how far the fast-only slots have opened (they start at zero)
+                record["fast_scaler_b"] = d2l.hypernet.fast_scaler_b.abs().mean().item()
             if held_out and rank == 0 and (step % config.eval_every == 0 or step == config.total_steps):
                 record.update(usage_gap(d2l, held_out, config))
                 bar.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
