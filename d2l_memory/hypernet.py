@@ -31,6 +31,12 @@ Deviations, and why:
   chunk (docs/training.md, "What the fast-weight path writes"), while every token of every told value
   needs a pair of its own; these slots add that capacity without widening the head. Their B scalers
   start at zero, so they can be added to a trained network without changing what it emits.
+- Learned key and value maps (`fast_map_rank`, default 0): a raw key is the module input *at the
+  document token*, but the adapter is read at the *answer*, whose module input is nearly orthogonal to
+  it (docs/training.md, "Where the fast-weight keys point"). Rank-q residual maps per layer,
+  `a = k + (k V_l) U_l` and `b = e + (e V'_l) U'_l`, let training move keys into the space the answer
+  position reads and values into the space later blocks turn into the told tokens. `U` starts at zero,
+  so the maps too can be added to a trained network without changing what it emits.
 """
 
 from __future__ import annotations
@@ -76,6 +82,8 @@ class HypernetConfig(BaseModel):
     fast_weights: bool = True
     fast_slots: int = Field(0, ge=0, description="extra rank slots per layer that only the fast-weight path "
                             "writes (needs fast_weights)")
+    fast_map_rank: int = Field(0, ge=0, description="rank of the learned residual maps on the fast-weight keys "
+                               "and values (0: raw module inputs and successor embeddings)")
     bias_lora: bool = True
     scale: float = Field(1.0, description="delta_W = scale * B A")
     chunk_tokens: int = Field(512, description="document tokens per chunk")
@@ -86,8 +94,9 @@ class HypernetConfig(BaseModel):
             raise ValueError("layers must be a non-empty ascending list of distinct block indices")
         if self.fast_weights and self.encoder != "per_layer":
             raise ValueError("fast_weights needs encoder='per_layer' (keys are per-layer activations)")
-        if self.fast_slots and not self.fast_weights:
-            raise ValueError("fast_slots needs fast_weights=true (they write only fast-weight key-value pairs)")
+        if (self.fast_slots or self.fast_map_rank) and not self.fast_weights:
+            raise ValueError("fast_slots and fast_map_rank need fast_weights=true (they act on the fast-weight "
+                             "key-value pairs)")
         if self.layer_to_layer and self.encoder != "per_layer":
             raise ValueError("layer_to_layer needs encoder='per_layer'")
         if self.rank < 1 or self.chunk_tokens < 16:
@@ -247,6 +256,12 @@ class HyperLoRA(nn.Module):
             self.fast_queries = nn.Parameter(torch.randn(c.fast_slots, d))
             self.fast_scaler_a = nn.Parameter(torch.ones(n_layers, c.fast_slots))
             self.fast_scaler_b = nn.Parameter(torch.zeros(n_layers, c.fast_slots))
+        if c.fast_map_rank:
+            q = c.fast_map_rank
+            self.fast_key_down = nn.Parameter(torch.randn(n_layers, c.d_in, q) / math.sqrt(c.d_in))
+            self.fast_key_up = nn.Parameter(torch.zeros(n_layers, q, c.d_in))
+            self.fast_value_down = nn.Parameter(torch.randn(n_layers, c.d_out, q) / math.sqrt(c.d_out))
+            self.fast_value_up = nn.Parameter(torch.zeros(n_layers, q, c.d_out))
         if c.bias_lora:
             self.bias_a = nn.Parameter(torch.randn(n_layers, c.rank, c.d_in) * (0.2 / math.sqrt(c.d_in * c.rank)))
             self.bias_b = nn.Parameter(torch.zeros(n_layers, c.d_out, c.rank))
@@ -315,6 +330,11 @@ class HyperLoRA(nn.Module):
         keys = F.normalize(feats.keys.float(), dim=-1)  # [B, L, N, d_in]
         a = torch.einsum("blrn,blni->blri", weights, keys)
         b = torch.einsum("blrn,bno->blro", weights, feats.next_embed.float())
+        if self.config.fast_map_rank:
+            a = a + torch.einsum("blrq,lqi->blri", torch.einsum("blri,liq->blrq", a, self.fast_key_down),
+                                 self.fast_key_up)
+            b = b + torch.einsum("blrq,lqo->blro", torch.einsum("blro,loq->blrq", b, self.fast_value_down),
+                                 self.fast_value_up)
         return a, b
 
     def bias(self) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -125,12 +125,13 @@ def test_adapter_applies_and_changes_output(trained_like):
     assert (plain - changed).abs().max() > 0
 
 
-def test_fast_only_slots_widen_each_chunk_and_start_silent(base, trained_like):
-    with pytest.raises(ValueError, match="fast_slots needs fast_weights"):
+def test_fast_only_slots_and_maps_start_silent_on_trained_weights(base, trained_like):
+    with pytest.raises(ValueError, match="need fast_weights"):
         HypernetConfig(**{**SMALL.model_dump(), "fast_slots": 4, "fast_weights": False})
-    grown = DocToLoRA.untrained(SMALL.model_copy(update={"fast_slots": 4}), base, seed=3)
+    grown = DocToLoRA.untrained(SMALL.model_copy(update={"fast_slots": 4, "fast_map_rank": 8}), base, seed=3)
     missing, unexpected = grown.hypernet.load_state_dict(trained_like.hypernet.state_dict(), strict=False)
-    assert sorted(missing) == ["fast_queries", "fast_scaler_a", "fast_scaler_b"] and not unexpected
+    assert sorted(missing) == ["fast_key_down", "fast_key_up", "fast_queries", "fast_scaler_a", "fast_scaler_b",
+                               "fast_value_down", "fast_value_up"] and not unexpected
     grown.hypernet.eval()
     text = " ".join(f"Fact {i}: the code of box {i} is {1000 + i}." for i in range(12))
     before, after = trained_like.internalize(text), grown.internalize(text)
@@ -138,11 +139,15 @@ def test_fast_only_slots_widen_each_chunk_and_start_silent(base, trained_like):
     # Added to trained weights, the new slots' zero B scalers leave every delta as it was ...
     for name in before.modules:
         assert torch.allclose(before.delta(name), after.delta(name), atol=1e-5)
-    # ... and once they open, they write keys of their own into the adapter.
+    # ... and once they open, they write keys of their own into the adapter, which the maps then move.
     with torch.no_grad():
         grown.hypernet.fast_scaler_b.fill_(0.5)
     opened = grown.internalize(text)
     assert any((opened.delta(n) - before.delta(n)).abs().max() > 1e-4 for n in before.modules)
+    with torch.no_grad():
+        grown.hypernet.fast_key_up.normal_(0, 0.1)
+    mapped = grown.internalize(text)
+    assert any((mapped.delta(n) - opened.delta(n)).abs().max() > 1e-4 for n in before.modules)
 
 
 def test_slot_attention_covers_every_slot_and_the_slot_report_locates_the_value(base):

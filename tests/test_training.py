@@ -108,7 +108,7 @@ def test_resume_is_exact(shard_dir, tmp_path):
     assert 0 < (c["scaler_b"] - a["scaler_b"]).abs().max() < a["scaler_b"].abs().max()
     # ... and may add fast-only slots to them, which start silent (zero B scalers) and then learn.
     train(_config(shard_dir, tmp_path / "grown", init_from=tmp_path / "straight" / "last", total_steps=1,
-                  hypernet={**TINY, "fast_slots": 2}))
+                  hypernet={**TINY, "fast_slots": 2, "fast_map_rank": 4}))
     assert load_file(tmp_path / "grown" / "last" / "hypernet.safetensors")["fast_scaler_b"].abs().max() > 0
     assert json.loads((tmp_path / "grown" / "metrics.jsonl").read_text())["fast_scaler_b"] > 0
     with pytest.raises(ValueError, match="may only add fast_slots"):

@@ -334,12 +334,14 @@ def train(config: TrainConfig) -> None:
     d2l.pass_tokens = config.pass_tokens
     if config.init_from is not None:
         start = DocToLoRA.from_pretrained(config.init_from, base=base)
-        grown = start.config.fast_slots == 0 < config.hypernet.fast_slots
-        if start.config.model_copy(update={"fast_slots": config.hypernet.fast_slots}) != config.hypernet or \
-                not (grown or start.config.fast_slots == config.hypernet.fast_slots):
+        growable = {k: getattr(config.hypernet, k) for k in ("fast_slots", "fast_map_rank")}
+        grown = [k for k, v in growable.items() if getattr(start.config, k) == 0 < v]
+        if start.config.model_copy(update=growable) != config.hypernet or \
+                any(getattr(start.config, k) not in (0, v) for k, v in growable.items()):
             raise ValueError(f"{config.init_from} has another hypernetwork config than this run (a run may only "
-                             "add fast_slots to weights that have none)")
-        # Added fast-only slots keep their initialisation, whose zero B scalers leave the adapters unchanged.
+                             "add fast_slots or fast_map_rank to weights that have none)")
+        # Added slots and maps keep their initialisation (zero B scalers, zero up-projections), which leaves
+        # the adapters unchanged.
         d2l.hypernet.load_state_dict(start.hypernet.state_dict(), strict=not grown)
     d2l.hypernet.train()
     opt = make_optimizer(d2l, config)
