@@ -151,6 +151,7 @@ def test_fast_only_slots_and_maps_start_silent_on_trained_weights(base, trained_
 
 
 def test_slot_attention_covers_every_slot_and_the_slot_report_locates_the_value(base):
+    from d2l_memory.training.data import Sample
     from d2l_memory.training.slots import slot_report
 
     grown = DocToLoRA.untrained(SMALL.model_copy(update={"fast_slots": 4}), base, seed=3)
@@ -158,9 +159,15 @@ def test_slot_attention_covers_every_slot_and_the_slot_report_locates_the_value(
     weights = grown.hypernet.slot_attention(grown.features([chunk]))
     assert weights.shape == (1, len(SMALL.layers), SMALL.rank + 4, len(chunk))
     assert torch.allclose(weights.sum(-1), torch.ones(1, len(SMALL.layers), SMALL.rank + 4))
-    report = slot_report(grown, "User: My locker code is 7731, please keep it.", "7731")
+    told = Sample(context="User: My locker code is 7731, please keep it.", question="What is my locker code?",
+                  answer="7731", source="conversation", response="Your locker code is 7731.")
+    other = Sample(context="User: I grew up in Lyon.", question="Where did I grow up?", answer="Lyon",
+                   source="conversation", response="You grew up in Lyon.")
+    report = slot_report(grown, told, other)
     assert report["value_tokens"] >= 1 and 1 <= report["distinct"] <= SMALL.rank
     assert 1 <= report["distinct_fast"] <= 4 and 0 <= report["value_per_layer"] <= report["value_any"] <= 1
+    assert all(-1 <= report[k] <= 1 for k in ("pred_cos", "key_cos", "key_cos_other"))
+    assert report["lead_in_none"] == 0  # the base model cannot guess a locker code
     with pytest.raises(ValueError, match="no fast-weight path"):
         DocToLoRA.untrained(SMALL.model_copy(update={"fast_weights": False}), base).hypernet.slot_attention(
             grown.features([chunk]))
