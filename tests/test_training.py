@@ -109,7 +109,8 @@ def test_resume_is_exact(shard_dir, tmp_path):
     # ... and may add fast-only slots to them, which start silent (zero B scalers) and then learn.
     train(_config(shard_dir, tmp_path / "grown", init_from=tmp_path / "straight" / "last", total_steps=1,
                   hypernet={**TINY, "fast_slots": 2, "fast_map_rank": 4}))
-    assert load_file(tmp_path / "grown" / "last" / "hypernet.safetensors")["fast_scaler_b"].abs().max() > 0
+    grown = load_file(tmp_path / "grown" / "last" / "hypernet.safetensors")
+    assert grown["fast_scaler_b"].abs().max() > 0 and grown["fast_key_up"].abs().max() > 0
     assert json.loads((tmp_path / "grown" / "metrics.jsonl").read_text())["fast_scaler_b"] > 0
     with pytest.raises(ValueError, match="may only add fast_slots"):
         train(_config(shard_dir, tmp_path / "other", init_from=tmp_path / "straight" / "last",

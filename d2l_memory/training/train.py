@@ -62,6 +62,8 @@ class TrainConfig(BaseModel):
                                    "fast-only slots this run adds; ignored when the run resumes")
     lr: float = 5e-4
     scaler_lr: float = 5e-3
+    fast_map_lr: float = Field(3e-3, gt=0, description="rate of the fast-weight maps' up-projections "
+                               "(`hypernet.fast_map_rank`): they start at zero and must grow to the keys' size")
     weight_decay: float = 0.01
     warmup_steps: int = 50
     total_steps: int = 4000
@@ -155,20 +157,24 @@ def lr_lambda(config: TrainConfig):
 
 
 def make_optimizer(d2l: DocToLoRA, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no decay on scalers, norms, biases and latents; scalers at their own (higher) rate."""
-    decay, no_decay, scalers = [], [], []
+    """AdamW; no decay on scalers, norms, biases and latents; scalers and the fast-weight maps'
+    up-projections at their own (higher) rates."""
+    decay, no_decay, scalers, maps = [], [], [], []
     for name, p in d2l.hypernet.named_parameters():
         if name.startswith(("scaler_", "fast_scaler_")) or name == "value_gain":
             scalers.append(p)
+        elif name in ("fast_key_up", "fast_value_up"):
+            maps.append(p)
         elif p.dim() < 2 or "norm" in name or name in ("latents", "slot_queries", "fast_queries", "layer_embed"):
             no_decay.append(p)
         else:
             decay.append(p)
-    return torch.optim.AdamW([
-        {"params": decay, "weight_decay": config.weight_decay, "lr": config.lr},
-        {"params": no_decay, "weight_decay": 0.0, "lr": config.lr},
-        {"params": scalers, "weight_decay": 0.0, "lr": config.scaler_lr},
-    ])
+    groups = [{"params": decay, "weight_decay": config.weight_decay, "lr": config.lr},
+              {"params": no_decay, "weight_decay": 0.0, "lr": config.lr},
+              {"params": scalers, "weight_decay": 0.0, "lr": config.scaler_lr}]
+    if maps:  # only then: checkpoints of networks without maps keep their three groups
+        groups.append({"params": maps, "weight_decay": 0.0, "lr": config.fast_map_lr})
+    return torch.optim.AdamW(groups)
 
 
 STATE_FILE = "train_state.json"  # a checkpoint's record, written last: where it is whole, the checkpoint is
