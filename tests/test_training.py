@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -377,3 +378,27 @@ def test_long_needles_span_many_chunks_and_bad_bounds_are_refused(base, tmp_path
     done = subprocess.run([sys.executable, "-m", "d2l_memory.training.prepare", "--out", str(out),
                            "--needle-chars", "9000", "150"], capture_output=True, text=True)
     assert done.returncode == 2 and "MIN <= MAX" in done.stderr and not out.exists()
+
+
+def test_value_weight_weighs_the_told_value_in_the_reply(base):
+    # The told value is one or two tokens of a reply whose form makes up the rest of the loss.
+    from d2l_memory.training.objective import per_example_loss, student_batch, value_positions
+
+    tok = base.tokenizer
+    response = tok("Your partner is Vítězslav, as you told me.", add_special_tokens=False)["input_ids"]
+    spelled = value_positions(tok, response, "Vítězslav")
+    assert spelled and tok.decode([response[i] for i in spelled]).strip() == "Vítězslav"
+    assert value_positions(tok, response, "your PARTNER") == value_positions(tok, response, "Your partner")
+    assert value_positions(tok, response, "Oslo") == []
+    k = 4
+    example = {"question": "Who is my partner?", "answer": "Vítězslav", "control": False,
+               "response": torch.tensor(response), "topk_ids": torch.tensor(response)[:, None].expand(-1, k),
+               "topk_logprobs": torch.full((len(response), k), -math.log(k))}
+    plain, weighted = student_batch(base, [example]), student_batch(base, [example], value_weight=3.0)
+    assert plain.weights.tolist() == [1.0] * len(response)
+    assert weighted.weights.tolist() == [3.0 if i in spelled else 1.0 for i in range(len(response))]
+    assert student_batch(base, [{**example, "control": True}], value_weight=3.0).weights.tolist() == [1.0] * len(
+        response)  # a control question has no told value
+    with torch.no_grad():
+        flat, focused = (per_example_loss(base, b, {}, 1.0).item() for b in (plain, weighted))
+    assert flat != focused

@@ -4,7 +4,8 @@ Per response token t with teacher top-k `(ids, logprobs)`:
 
     loss_t = - sum_k p_teacher(k) * log q_student(k)     (teacher probs not renormalised, paper §2.1)
 
-averaged over the response tokens of each example, then over examples (one question per context
+averaged over the response tokens of each example (tokens of the told value weighted `value_weight`
+times, default 1), then over examples (one question per context
 here, so this is the paper's per-context average), plus `l1 * mean(|A|) + mean(|B|)` over the
 generated factors, plus `slot_diversity * slot_overlap(A)` (below). With `use_gold_ce` the teacher is
 replaced by plain cross-entropy on the stored response tokens (the paper's choice for needle data).
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from d2l_memory.functional import applied
 from d2l_memory.models import LoadedModel
@@ -36,12 +38,37 @@ class StudentBatch:
     topk_ids: torch.Tensor  # [P, k]
     topk_logprobs: torch.Tensor  # [P, k]
     targets: torch.Tensor  # [P] the response tokens themselves
+    weights: torch.Tensor  # [P] each position's weight in its example's mean
 
 
-def student_batch(base: LoadedModel, examples: Sequence[dict]) -> StudentBatch:
+def token_spans(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Character span of each token in `tokenizer.decode(ids)`."""
+    spans, end = [], 0
+    for i in range(len(ids)):
+        new_end = len(tokenizer.decode(ids[: i + 1]))
+        spans.append((end, new_end))
+        end = new_end
+    return spans
+
+
+def value_positions(tokenizer: PreTrainedTokenizerBase, response: Sequence[int], value: str) -> list[int]:
+    """Indices of the response tokens that spell `value` (its first occurrence, else its first in another
+    case); [] if absent."""
+    text = tokenizer.decode(response)
+    start = text.find(value)
+    if start < 0 and len(text.lower()) == len(text):  # lowering keeps character positions
+        start = text.lower().find(value.lower())
+    if start < 0 or not value:
+        return []
+    return [i for i, (s, e) in enumerate(token_spans(tokenizer, response)) if s < start + len(value) and e > start]
+
+
+def student_batch(base: LoadedModel, examples: Sequence[dict], value_weight: float = 1.0) -> StudentBatch:
     """Build the student's inputs (the question, with the example's `student_context` when it has one,
-    then the teacher's response) for `examples`."""
-    seqs, rows, cols, owner = [], [], [], []
+    then the teacher's response) for `examples`. With `value_weight` other than 1, the response tokens
+    that spell the example's `answer` weigh that many times the others: the told value is one or two
+    tokens of a reply whose form makes up the rest of the loss."""
+    seqs, rows, cols, owner, weights = [], [], [], [], []
     for i, ex in enumerate(examples):
         prompt = prompt_ids(base, ex["question"], ex.get("student_context"))
         response = ex["response"].tolist()
@@ -50,6 +77,11 @@ def student_batch(base: LoadedModel, examples: Sequence[dict]) -> StudentBatch:
         rows += [i] * len(response)
         cols += list(positions)
         owner += [i] * len(response)
+        weight = [1.0] * len(response)
+        if value_weight != 1.0 and not ex.get("control") and ex.get("answer"):
+            for j in value_positions(base.tokenizer, response, ex["answer"]):
+                weight[j] = value_weight
+        weights += weight
     width = max(len(s) for s in seqs)
     pad = base.tokenizer.pad_token_id or 0
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -61,7 +93,7 @@ def student_batch(base: LoadedModel, examples: Sequence[dict]) -> StudentBatch:
         input_ids=ids, attention_mask=mask, rows=torch.tensor(rows), cols=torch.tensor(cols),
         example=torch.tensor(owner), topk_ids=torch.cat([ex["topk_ids"] for ex in examples]).long(),
         topk_logprobs=torch.cat([ex["topk_logprobs"] for ex in examples]).float(),
-        targets=torch.cat([ex["response"] for ex in examples]).long(),
+        targets=torch.cat([ex["response"] for ex in examples]).long(), weights=torch.tensor(weights),
     )
 
 
@@ -77,8 +109,8 @@ def per_example_loss(base: LoadedModel, batch: StudentBatch, factors: dict, scal
     else:
         token_loss = -(batch.topk_logprobs.exp() * logprobs.gather(-1, batch.topk_ids)).sum(-1)
     n = int(batch.example.max()) + 1
-    totals = torch.zeros(n).index_add(0, batch.example, token_loss)
-    counts = torch.zeros(n).index_add(0, batch.example, torch.ones_like(token_loss))
+    totals = torch.zeros(n).index_add(0, batch.example, token_loss * batch.weights)
+    counts = torch.zeros(n).index_add(0, batch.example, batch.weights)
     return totals / counts
 
 

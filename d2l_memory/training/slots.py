@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.functional import lora_applied
@@ -40,18 +39,9 @@ from d2l_memory.lora import LoRA
 from d2l_memory.training.conversations import conversation_sample
 from d2l_memory.training.data import Sample
 from d2l_memory.training.evaluate import EVAL_SEED
+from d2l_memory.training.objective import token_spans
 from d2l_memory.training.prepare import token_counter
 from d2l_memory.training.teacher import greedy, prompt_ids
-
-
-def token_spans(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[tuple[int, int]]:
-    """Character span of each token in `tokenizer.decode(ids)`."""
-    spans, end = [], 0
-    for i in range(len(ids)):
-        new_end = len(tokenizer.decode(ids[: i + 1]))
-        spans.append((end, new_end))
-        end = new_end
-    return spans
 
 
 def _best_key_cos(query: torch.Tensor, lora: LoRA, names: list[str]) -> float:

@@ -62,6 +62,8 @@ class TrainConfig(BaseModel):
                                    "fast-only slots this run adds; ignored when the run resumes")
     lr: float = 5e-4
     scaler_lr: float = 5e-3
+    value_weight: float = Field(1.0, ge=1.0, description="weight of the response tokens that spell the told "
+                                "value in each example's loss (the held-out loss stays unweighted)")
     fast_map_lr: float = Field(3e-3, gt=0, description="rate of the fast-weight maps' up-projections "
                                "(`hypernet.fast_map_rank`): they start at zero and must grow to the keys' size")
     weight_decay: float = 0.01
@@ -400,7 +402,7 @@ def train(config: TrainConfig) -> None:
                 n_chunks = [rng.randint(1, config.max_chunks) if stage2 else 1 for _ in examples]
                 factors, a, b = batch_factors(d2l, memories_for(examples, rng, pool), n_chunks,
                                               config.min_chunk_tokens, config.composition)
-                batch = student_batch(base, examples)
+                batch = student_batch(base, examples, config.value_weight)
                 kd = per_example_loss(base, batch, factors, d2l.config.scale, config.gold_ce).mean()
                 reg = l1_penalty(a, b)
                 overlap = slot_overlap(a)
