@@ -5,8 +5,8 @@ Per response token t with teacher top-k `(ids, logprobs)`:
     loss_t = - sum_k p_teacher(k) * log q_student(k)     (teacher probs not renormalised, paper §2.1)
 
 averaged over the response tokens of each example (tokens of the told value weighted `value_weight`
-times, default 1), then over examples (one question per context
-here, so this is the paper's per-context average), plus `l1 * mean(|A|) + mean(|B|)` over the
+times, default 1), then over examples (one question per context here, so this is the paper's
+per-context average), plus `l1 * mean(|A|) + mean(|B|)` over the
 generated factors, plus `slot_diversity * slot_overlap(A)` (below). With `use_gold_ce` the teacher is
 replaced by plain cross-entropy on the stored response tokens (the paper's choice for needle data).
 Logits are computed only at response positions: the 49k-way head would otherwise dominate the step on
@@ -54,11 +54,13 @@ def token_spans(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[
 def value_positions(tokenizer: PreTrainedTokenizerBase, response: Sequence[int], value: str) -> list[int]:
     """Indices of the response tokens that spell `value` (its first occurrence, else its first in another
     case); [] if absent."""
+    if not value:
+        return []
     text = tokenizer.decode(response)
     start = text.find(value)
     if start < 0 and len(text.lower()) == len(text):  # lowering keeps character positions
         start = text.lower().find(value.lower())
-    if start < 0 or not value:
+    if start < 0:
         return []
     return [i for i, (s, e) in enumerate(token_spans(tokenizer, response)) if s < start + len(value) and e > start]
 

@@ -12,8 +12,8 @@ partner is" Vít), this prints per memory:
 
 - `distinct`: distinct argmax tokens among a layer's slots, mean over layers (head slots; fast-only slots
   apart as `distinct_fast` when the network has them); `entropy`: mean attention entropy of a slot (nats);
-- `value/layer`: fraction of the value's tokens whose predecessor some slot of a layer picks (argmax),
-  mean over layers; `value/any`: the same with any layer's slots;
+- `value_per_layer`: fraction of the value's tokens whose predecessor some slot of a layer picks (argmax),
+  mean over layers; `value_any`: the same with any layer's slots;
 - `pred_cos`: cosine between the module input at the answer position (question, then the lead-in) and the
   raw key of the value's predecessor in the document, mean over layers: how well a raw copied key fits;
 - `key_cos` / `key_cos_other`: the best cosine between that module input and the A rows of this memory's
@@ -39,7 +39,7 @@ from d2l_memory.lora import LoRA
 from d2l_memory.training.conversations import conversation_sample
 from d2l_memory.training.data import Sample
 from d2l_memory.training.evaluate import EVAL_SEED
-from d2l_memory.training.objective import token_spans
+from d2l_memory.training.objective import value_positions
 from d2l_memory.training.prepare import token_counter
 from d2l_memory.training.teacher import greedy, prompt_ids
 
@@ -60,9 +60,7 @@ def slot_report(d2l: DocToLoRA, sample: Sample, other: Sample) -> dict[str, floa
     weights = d2l.hypernet.slot_attention(feats)[0]  # [L, R, N]
     picks = weights.argmax(-1)  # [L, R]
     entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1)
-    start = tok.decode(chunk).find(sample.answer)
-    value_tokens = [i for i, (s, e) in enumerate(token_spans(tok, chunk))
-                    if start >= 0 and s < start + len(sample.answer) and e > start]
+    value_tokens = value_positions(tok, chunk, sample.answer)
     keys = {i - 1 for i in value_tokens if i > 0}
     out: dict[str, float | int] = {"tokens": len(chunk), "value_tokens": len(value_tokens),
                                    "distinct": sum(len(set(p[:r].tolist())) for p in picks) / len(picks),

@@ -59,7 +59,7 @@ class TrainConfig(BaseModel):
     hypernet: HypernetConfig = Field(default_factory=HypernetConfig)
     init_from: Path | None = Field(None, description="start a new run from these hypernetwork weights "
                                    "(e.g. the shipped checkpoint), of the same config or one without the "
-                                   "fast-only slots this run adds; ignored when the run resumes")
+                                   "fast-only slots or maps this run adds; ignored when the run resumes")
     lr: float = 5e-4
     scaler_lr: float = 5e-3
     value_weight: float = Field(1.0, ge=1.0, description="weight of the response tokens that spell the told "
