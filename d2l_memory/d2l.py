@@ -106,6 +106,11 @@ class DocToLoRA:
             self._checksum = self.hypernet.checksum()
         return self._checksum
 
+    @property
+    def bias_rows(self) -> int:
+        """Rows of the bias slot at the end of every adapter's rank (0 without one)."""
+        return self.config.rank if self.hypernet.bias() is not None else 0
+
     # -- the forward pass ----------------------------------------------------------------------
     def chunks(self, text: str) -> list[list[int]]:
         """The wrapped token ids of each chunk of `text` (validates the text)."""
@@ -180,7 +185,7 @@ class DocToLoRA:
         weights = {name: (a[0, j].detach().float(), b[0, j].detach().float())
                    for j, name in enumerate(self.config.module_names())}
         return LoRA(weights, scale=self.config.scale, base_model=self.base.model_id, hypernet=self.checksum,
-                    n_chunks=a_chunks.shape[0], bias_rows=self.config.rank if self.hypernet.bias() is not None else 0)
+                    n_chunks=a_chunks.shape[0], bias_rows=self.bias_rows)
 
     def internalize(self, text: str) -> LoRA:
         """Turn `text` into an adapter: rank `K chunk_rank + r` for K chunks (`+ r`: the bias slot; without

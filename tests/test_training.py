@@ -32,7 +32,7 @@ from d2l_memory.training.data import (
     squad_samples,
 )
 from d2l_memory.training.evaluate import QA_SETS, held_out_questions
-from d2l_memory.training.objective import slot_overlap
+from d2l_memory.training.objective import key_alignment_loss, module_inputs, slot_overlap
 from d2l_memory.training.plot import plot
 from d2l_memory.training.prepare import DEFAULT_MIX, build_mix, control_prompts, draw
 from d2l_memory.training.teacher import ShardSet, build_shard
@@ -109,10 +109,11 @@ def test_resume_is_exact(shard_dir, tmp_path):
     assert 0 < (c["scaler_b"] - a["scaler_b"]).abs().max() < a["scaler_b"].abs().max()
     # ... and may add fast-only slots to them, which start silent (zero B scalers) and then learn.
     train(_config(shard_dir, tmp_path / "grown", init_from=tmp_path / "straight" / "last", total_steps=1,
-                  hypernet={**TINY, "fast_slots": 2, "fast_map_rank": 4}))
+                  hypernet={**TINY, "fast_slots": 2, "fast_map_rank": 4}, key_alignment=1.0))
     grown = load_file(tmp_path / "grown" / "last" / "hypernet.safetensors")
     assert grown["fast_scaler_b"].abs().max() > 0 and grown["fast_key_up"].abs().max() > 0
-    assert json.loads((tmp_path / "grown" / "metrics.jsonl").read_text())["fast_scaler_b"] > 0
+    record = json.loads((tmp_path / "grown" / "metrics.jsonl").read_text())
+    assert record["fast_scaler_b"] > 0 and record["key_align"] > 0 and 0 <= record["key_acc"] <= 1
     with pytest.raises(ValueError, match="may only add fast_slots"):
         train(_config(shard_dir, tmp_path / "other", init_from=tmp_path / "straight" / "last",
                       hypernet={**TINY, "rank": 2}))
@@ -140,6 +141,36 @@ def test_slot_overlap_is_zero_for_distinct_keys_one_for_a_shared_key_and_trainin
         slot_overlap(net(feats)[0]).backward()
         opt.step()
     assert slot_overlap(net(feats)[0]).item() < 0.5 * before
+
+
+def test_key_alignment_pulls_the_answer_input_onto_a_key_of_its_own_adapter(base):
+    # The queries are what the real model feeds its down-projections where a reply spells a value.
+    names = [f"model.layers.{i}.mlp.down_proj" for i in (10, 12)]
+    ids = base.tokenizer(["Your partner is Vít.", "You work as a glassblower."], return_tensors="pt",
+                         padding=True)
+    rows, cols = torch.tensor([0, 0, 1]), torch.tensor([2, 3, 4])
+    with torch.no_grad(), module_inputs(base.model, names, rows, cols) as seen:
+        base.model(**ids)
+    queries = torch.stack([seen[n] for n in names], dim=1)  # [3, 2, d_in]
+    assert queries.shape == (3, 2, 1536) and not queries.requires_grad
+    assert all(not m._forward_pre_hooks for m in base.model.modules())  # the hooks leave with the block
+    owner = torch.tensor([0, 0, 1])
+    # Rows whose adapters hold their own queries as keys match perfectly; swapped rows never do.
+    own = torch.stack([queries[:2].transpose(0, 1), queries[[2, 2]].transpose(0, 1)])  # [2, L, 2, d_in]
+    loss, accuracy = key_alignment_loss(own, queries, owner, 0.05)
+    assert accuracy.item() == 1.0 and loss.item() < math.log(2)
+    assert key_alignment_loss(own.flip(0), queries, owner, 0.05)[1].item() == 0.0
+    assert key_alignment_loss(own[:1], queries, owner[:0], 0.05)[0].item() == 0.0  # nothing to contrast
+    # Its gradient turns random keys towards their own row's queries.
+    keys = torch.randn(2, 2, 4, 1536, requires_grad=True)
+    opt = torch.optim.Adam([keys], lr=0.05)
+    before = key_alignment_loss(keys, queries, owner, 0.05)[0].item()
+    for _ in range(20):
+        opt.zero_grad()
+        key_alignment_loss(keys, queries, owner, 0.05)[0].backward()
+        opt.step()
+    after, accuracy = key_alignment_loss(keys, queries, owner, 0.05)
+    assert after.item() < 0.5 * before and accuracy.item() == 1.0
 
 
 def test_stage_two_never_cuts_a_context_below_the_chunk_floor(base):

@@ -6,19 +6,21 @@ Per response token t with teacher top-k `(ids, logprobs)`:
 
 averaged over the response tokens of each example (tokens of the told value weighted `value_weight`
 times, default 1), then over examples (one question per context here, so this is the paper's
-per-context average), plus `l1 * mean(|A|) + mean(|B|)` over the
-generated factors, plus `slot_diversity * slot_overlap(A)` (below). With `use_gold_ce` the teacher is
-replaced by plain cross-entropy on the stored response tokens (the paper's choice for needle data).
-Logits are computed only at response positions: the 49k-way head would otherwise dominate the step on
-CPU.
+per-context average), plus `l1 * mean(|A|) + mean(|B|)` over the generated factors, plus
+`slot_diversity * slot_overlap(A)` and `key_alignment * key_alignment_loss` (below). With `use_gold_ce`
+the teacher is replaced by plain cross-entropy on the stored response tokens (the paper's choice for
+needle data). Logits are computed only at response positions: the 49k-way head would otherwise dominate
+the step on CPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from d2l_memory.functional import applied
@@ -39,6 +41,7 @@ class StudentBatch:
     topk_logprobs: torch.Tensor  # [P, k]
     targets: torch.Tensor  # [P] the response tokens themselves
     weights: torch.Tensor  # [P] each position's weight in its example's mean
+    values: torch.Tensor  # [P] bool: the response token spells the told value (`answer`)
 
 
 def token_spans(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -70,7 +73,7 @@ def student_batch(base: LoadedModel, examples: Sequence[dict], value_weight: flo
     then the teacher's response) for `examples`. With `value_weight` other than 1, the response tokens
     that spell the example's `answer` weigh that many times the others: the told value is one or two
     tokens of a reply whose form makes up the rest of the loss."""
-    seqs, rows, cols, owner, weights = [], [], [], [], []
+    seqs, rows, cols, owner, weights, values = [], [], [], [], [], []
     for i, ex in enumerate(examples):
         prompt = prompt_ids(base, ex["question"], ex.get("student_context"))
         response = ex["response"].tolist()
@@ -79,11 +82,12 @@ def student_batch(base: LoadedModel, examples: Sequence[dict], value_weight: flo
         rows += [i] * len(response)
         cols += list(positions)
         owner += [i] * len(response)
-        weight = [1.0] * len(response)
-        if value_weight != 1.0 and not ex.get("control") and ex.get("answer"):
+        told = [False] * len(response)
+        if not ex.get("control") and ex.get("answer"):
             for j in value_positions(base.tokenizer, response, ex["answer"]):
-                weight[j] = value_weight
-        weights += weight
+                told[j] = True
+        weights += [value_weight if t else 1.0 for t in told]
+        values += told
     width = max(len(s) for s in seqs)
     pad = base.tokenizer.pad_token_id or 0
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -96,6 +100,7 @@ def student_batch(base: LoadedModel, examples: Sequence[dict], value_weight: flo
         example=torch.tensor(owner), topk_ids=torch.cat([ex["topk_ids"] for ex in examples]).long(),
         topk_logprobs=torch.cat([ex["topk_logprobs"] for ex in examples]).float(),
         targets=torch.cat([ex["response"] for ex in examples]).long(), weights=torch.tensor(weights),
+        values=torch.tensor(values, dtype=torch.bool),
     )
 
 
@@ -136,3 +141,55 @@ def slot_overlap(a: torch.Tensor) -> torch.Tensor:
     unit = torch.nn.functional.normalize(a.float(), dim=-1)
     cos2 = (unit @ unit.transpose(-1, -2)).pow(2)  # [K, L, r, r], diagonal 1
     return (cos2.sum((-1, -2)) - rank).mean() / (rank * (rank - 1))
+
+
+@contextmanager
+def module_inputs(model: torch.nn.Module, names: Sequence[str], rows: torch.Tensor,
+                  cols: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, the next forward records the input of each module in `names` at positions
+    `(rows, cols)`, detached: `{name: [P, d_in]}` (what a generated key must match to fire there)."""
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for name in names:
+            def hook(_m: torch.nn.Module, inputs: tuple[torch.Tensor, ...], name: str = name) -> None:
+                seen[name] = inputs[0][rows, cols].detach()
+            handles.append(modules[name].register_forward_pre_hook(hook))
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def key_alignment_loss(a: torch.Tensor, queries: torch.Tensor, owner: torch.Tensor,
+                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contrastive pull of each told-value position's module input onto a key of its own row's adapter.
+
+    A key-value pair of delta_W fires at a position only where the module input there points along its
+    key, and the fast-weight path copies keys from the document, which point elsewhere than the module
+    input at the answer (docs/training.md, "Where the fast-weight keys point"). The distillation loss
+    reaches those keys only through the few positions where they already fire; this term asks for the
+    match directly. For `a [B, L, R, d_in]` (each batch row's memory slots, bias slot excluded),
+    `queries [P, L, d_in]` (the module input at each position whose output predicts a told value token)
+    and `owner [P]` (the batch row each belongs to):
+
+        s[p, l, j] = max_r cos(queries[p, l], a[j, l, r])
+        loss = mean over p, l of cross_entropy(s[p, l, :] / temperature, owner[p])
+
+    so some slot of the row's own adapter must match better than any slot of the batch's other adapters.
+
+    Returns:
+        `(loss, accuracy)`: accuracy is the fraction of (p, l) whose best-matching row is its own.
+    """
+    n_rows, n_layers = a.shape[0], a.shape[1]
+    if queries.shape[0] == 0 or n_rows < 2:
+        zero = a.new_zeros(())
+        return zero, zero
+    q = F.normalize(queries.float(), dim=-1)
+    k = F.normalize(a.float(), dim=-1)
+    scores = torch.einsum("pld,jlrd->pljr", q, k).amax(-1) / temperature  # [P, L, B]
+    target = owner[:, None].expand(-1, n_layers)
+    loss = F.cross_entropy(scores.reshape(-1, n_rows), target.reshape(-1))
+    accuracy = (scores.argmax(-1) == target).float().mean()
+    return loss, accuracy

@@ -44,7 +44,14 @@ from d2l_memory.home import sha256_file
 from d2l_memory.hypernet import HypernetConfig
 from d2l_memory.models import load_model
 from d2l_memory.scoring import contains
-from d2l_memory.training.objective import l1_penalty, per_example_loss, slot_overlap, student_batch
+from d2l_memory.training.objective import (
+    key_alignment_loss,
+    l1_penalty,
+    module_inputs,
+    per_example_loss,
+    slot_overlap,
+    student_batch,
+)
 from d2l_memory.training.teacher import ShardSet, greedy, prompt_ids
 
 
@@ -74,6 +81,10 @@ class TrainConfig(BaseModel):
     l1: float = 0.1
     slot_diversity: float = Field(0.0, ge=0.0, description="weight of `objective.slot_overlap` on the "
                                   "generated A factors (0: logged, not trained)")
+    key_alignment: float = Field(0.0, ge=0.0, description="weight of `objective.key_alignment_loss`: the "
+                                 "module input where the reply spells the told value must match a key of its "
+                                 "own adapter better than the batch's other adapters' keys (0: logged, not trained)")
+    key_temperature: float = Field(0.05, gt=0, description="temperature of `key_alignment_loss` (cosines)")
     stage2_step: int = 2000
     max_chunks: int = 8
     min_chunk_tokens: int = Field(25, description="stage 2 cuts no context into chunks shorter than this")
@@ -386,7 +397,7 @@ def train(config: TrainConfig) -> None:
                     checkpoint()
                 break
             opt.zero_grad(set_to_none=True)
-            metrics = {"loss": 0.0, "l1": 0.0, "slot_overlap": 0.0}
+            metrics = {"loss": 0.0, "l1": 0.0, "slot_overlap": 0.0, "key_align": 0.0, "key_acc": 0.0}
             for _ in range(config.grad_accum):
                 if position + config.batch_size * world > len(order):
                     # New epoch: pick up shards written since (data preparation may run alongside).
@@ -403,14 +414,24 @@ def train(config: TrainConfig) -> None:
                 factors, a, b = batch_factors(d2l, memories_for(examples, rng, pool), n_chunks,
                                               config.min_chunk_tokens, config.composition)
                 batch = student_batch(base, examples, config.value_weight)
-                kd = per_example_loss(base, batch, factors, d2l.config.scale, config.gold_ce).mean()
+                names = d2l.config.module_names()
+                with module_inputs(base.model, names, batch.rows[batch.values], batch.cols[batch.values]) as seen:
+                    kd = per_example_loss(base, batch, factors, d2l.config.scale, config.gold_ce).mean()
                 reg = l1_penalty(a, b)
                 overlap = slot_overlap(a)
-                loss = (kd + config.l1 * reg + config.slot_diversity * overlap) / config.grad_accum
+                memory_rank = factors[names[0]][0].shape[1] - d2l.bias_rows
+                keys = torch.stack([factors[n][0][:, :memory_rank] for n in names], dim=1)  # [B, L, R, d_in]
+                queries = torch.stack([seen[n] for n in names], dim=1)  # [P, L, d_in]
+                align, accuracy = key_alignment_loss(keys, queries, batch.example[batch.values],
+                                                     config.key_temperature)
+                loss = (kd + config.l1 * reg + config.slot_diversity * overlap
+                        + config.key_alignment * align) / config.grad_accum
                 loss.backward()
                 metrics["loss"] += kd.item() / config.grad_accum
                 metrics["l1"] += reg.item() / config.grad_accum
                 metrics["slot_overlap"] += overlap.item() / config.grad_accum
+                metrics["key_align"] += align.item() / config.grad_accum
+                metrics["key_acc"] += accuracy.item() / config.grad_accum
             if distributed:  # data parallel: every rank steps with the mean gradient (what DDP computes)
                 for p in d2l.hypernet.parameters():
                     dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)  # AVG is not available on gloo (CPU)
