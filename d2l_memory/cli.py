@@ -543,19 +543,21 @@ def eval_(
     n: Annotated[int, typer.Option(min=1, help="questions per task (and per needle length)")] = 40,
     tasks: Annotated[list[str] | None, typer.Option(
         "--tasks", help="tasks to run, repeatable or comma-separated: facts, needle, squad, fairytale, "
-                   "interference")] = None,
+                   "interference, composed, conversations")] = None,
     needle_length: Annotated[list[int] | None, typer.Option(help="needle document length in tokens, "
                                                                  "repeatable (default 512, 2048, 8192)")] = None,
     cd_steps: Annotated[int, typer.Option(min=0, help="also run per-document context distillation (gradient "
                                                       "LoRA) with this many steps, timed; 0: skip")] = 0,
-    out_path: Annotated[Path | None, typer.Option("--out", help="also write the report as JSON here")] = None,
+    out_path: Annotated[Path | None, typer.Option("--out", help="also write the report as JSON here, with "
+                                                    "each score's per-question list (for `python -m "
+                                                    "d2l_memory.training.compare`)")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Measure what a hypernetwork internalizes, next to in-context, no-context and CD references."""
     with _user_errors():
         with err.status("Loading the hypernetwork…"):
             from d2l_memory.d2l import DocToLoRA
-            from d2l_memory.training.evaluate import run_eval
+            from d2l_memory.training.evaluate import run_eval, write_report
 
             defaults = inspect.signature(run_eval).parameters
             known = defaults["tasks"].default
@@ -566,10 +568,10 @@ def eval_(
             d2l = DocToLoRA.from_pretrained(checkpoint)
         lengths = tuple(needle_length or defaults["needle_lengths"].default)
         with err.status(f"Evaluating {', '.join(chosen)} (n={n})…"):
-            report = run_eval(d2l, n, lengths, chosen, cd_steps, checkpoint)
+            items: dict[str, list[float]] = {}
+            report = run_eval(d2l, n, lengths, chosen, cd_steps, checkpoint, items)
     if out_path is not None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(report, indent=1))
+        write_report(out_path, report, items)
     if json_:
         _echo_json(report)
         return

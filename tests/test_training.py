@@ -394,10 +394,32 @@ def test_conversation_eval_scores_every_mode_through_the_public_api():
     # One held-out user through the shipped checkpoint: accuracy and the echo share of each mode, as rates.
     from d2l_memory.training.evaluate import MODES, conversation_eval
 
-    report = conversation_eval(None, 1, groups=("held_out",))
+    items: dict[str, list[float]] = {}
+    report = conversation_eval(None, 1, groups=("held_out",), items=items)
     assert set(report) == {f"{key}_{mode}" for key in ("held_out", "echo") for mode in MODES}
     assert all(0.0 <= v <= 1.0 for v in report.values())
     assert report["held_out_none"] == 0.0 == report["echo_none"]  # nothing told reaches the base model alone
+    assert items == {f"conversations.{k}": [v] for k, v in report.items()}  # one user: one score per rate
+
+
+def test_compare_pairs_the_same_questions_and_refuses_other_draws(tmp_path):
+    from d2l_memory.training.compare import compare, load_items
+
+    base = {"facts.adapter": [1, 1, 0, 0], "interference.adapter": [1, 0, 1, 0],
+            **{f"conversations.{g}_adapter": [0, 0] for g in ("in_template", "held_out", "new_attributes")}}
+    cand = {"facts.adapter": [1, 1, 1, 1], "interference.adapter": [0, 1, 0, 1],
+            **{f"conversations.{g}_adapter": [1, 1] for g in ("in_template", "held_out", "new_attributes")}}
+    rows = {r.key: r for r in compare(base, cand)}
+    facts, swapped, pooled = rows["facts.adapter"], rows["interference.adapter"], rows["conversations.adapter"]
+    assert (facts.diff, facts.n) == (0.5, 4) and facts.se == pytest.approx((1 / 3) ** 0.5 / 2)
+    assert facts.verdict(2.0) == "~" and facts.verdict(1.0) == "better"
+    assert swapped.diff == 0 and swapped.verdict(2.0) == "~"  # same rate, different questions: no change
+    assert pooled.n == 6 and pooled.se == 0 and pooled.verdict(2.0) == "better"  # every question gained
+    with pytest.raises(ValueError, match="same --n"):
+        compare(base, {"facts.adapter": [1, 1]})
+    (tmp_path / "old.json").write_text(json.dumps({"facts": {"adapter": 0.5}}))
+    with pytest.raises(ValueError, match="no per-question scores"):
+        load_items(tmp_path / "old.json")
 
 
 def test_long_needles_span_many_chunks_and_bad_bounds_are_refused(base, tmp_path):

@@ -57,6 +57,15 @@ EVAL_SEED = 10_007  # disjoint from every training seed
 QA_SETS = {"squad": ("squad/saipriya_dev-v1.1_sample.json", squad_samples),
            "fairytale": ("fairytaleqa/fairytaleqa_test.jsonl", fairytale_samples)}
 AGREEMENT_QUESTIONS = 120  # interference's held-out questions without gold, drawn from `held_out_questions`
+Items = dict[str, list[float]]  # "task.system" -> one score per question, in the draw's order
+
+
+def tally(items: Items | None, key: str, scores: list[float]) -> float:
+    """The mean of `scores`, which are also kept whole under `key` in `items` (when given): two checkpoints
+    scored on the same draw then compare question by question (`training/compare.py`)."""
+    if items is not None:
+        items[key] = scores
+    return sum(scores) / len(scores)
 
 
 def held_out_questions() -> list[str]:
@@ -81,8 +90,10 @@ def answer(d2l: DocToLoRA, questions: Sequence[str], contexts: Sequence[str | No
 
 
 def evaluate_samples(d2l: DocToLoRA, samples: Sequence[Sample], metric: str, systems: Sequence[str],
-                     fits_window: bool = True, cd_steps: int = 20) -> dict[str, float]:
-    """Score `systems` on `samples` with `metric` (`contains` or `f1`); adapter systems are timed per document."""
+                     fits_window: bool = True, cd_steps: int = 20, items: Items | None = None,
+                     task: str = "") -> dict[str, float]:
+    """Score `systems` on `samples` with `metric` (`contains` or `f1`); adapter systems are timed per document.
+    Each system's per-question scores go to `items["<task>.<system>"]`."""
     score = contains if metric == "contains" else token_f1
     questions = [s.question for s in samples]
     results: dict[str, float] = {}
@@ -100,12 +111,13 @@ def evaluate_samples(d2l: DocToLoRA, samples: Sequence[Sample], metric: str, sys
         contexts = [s.context if system == "icl" else None for s in samples]
         rows = adapters.get(system, [None] * len(samples))
         answers = answer(d2l, questions, contexts, rows)
-        results[system] = sum(score(a, s.answer) for a, s in zip(answers, samples, strict=True)) / len(samples)
+        results[system] = tally(items, f"{task}.{system}",
+                                [score(a, s.answer) for a, s in zip(answers, samples, strict=True)])
     return results
 
 
 def composed_eval(d2l: DocToLoRA, n: int, ks: Sequence[int] = (1, 2, 4), composition: str = "mean",
-                  seed: int = EVAL_SEED) -> dict[str, float]:
+                  seed: int = EVAL_SEED, items: Items | None = None) -> dict[str, float]:
     """Accuracy on a fact of one person's first note when it is composed with k-1 other notes about the same
     person (held-out phrasings and values), each note its own memory weighted by `member_weight`."""
     rng = random.Random(seed)
@@ -123,11 +135,13 @@ def composed_eval(d2l: DocToLoRA, n: int, ks: Sequence[int] = (1, 2, 4), composi
         rows = [LoRA.concat(loras[:k], [member_weight(composition, k)] * k) for loras in adapters]
         questions = [q for _, q, _ in people]
         answers = answer(d2l, questions, [None] * n, rows)
-        results[f"adapter_k{k}"] = sum(contains(a, v) for a, (_, _, v) in zip(answers, people, strict=True)) / n
         icl = answer(d2l, questions, [" ".join(notes[:k]) for notes, _, _ in people], [None] * n)
-        results[f"icl_k{k}"] = sum(contains(a, v) for a, (_, _, v) in zip(icl, people, strict=True)) / n
+        for system, replies in ((f"adapter_k{k}", answers), (f"icl_k{k}", icl)):
+            results[system] = tally(items, f"composed.{system}",
+                                    [contains(a, v) for a, (_, _, v) in zip(replies, people, strict=True)])
     none = answer(d2l, [q for _, q, _ in people], [None] * n, [None] * n)
-    results["none"] = sum(contains(a, v) for a, (_, _, v) in zip(none, people, strict=True)) / n
+    results["none"] = tally(items, "composed.none",
+                            [contains(a, v) for a, (_, _, v) in zip(none, people, strict=True)])
     return results
 
 
@@ -136,7 +150,8 @@ MODES = ("adapter", "hybrid", "context", "none")
 
 
 def conversation_eval(checkpoint: Path | None, n: int, seed: int = EVAL_SEED,
-                      groups: Sequence[str] = tuple(CONVERSATION_GROUPS)) -> dict[str, float]:
+                      groups: Sequence[str] = tuple(CONVERSATION_GROUPS), items: Items | None = None
+                      ) -> dict[str, float]:
     """Synthetic users absorbed through `D2LMemory.absorb_messages` (session by session, each with the
     dialogue's roles and segment budget) and asked in a fresh conversation, in every mode.
 
@@ -168,16 +183,17 @@ def conversation_eval(checkpoint: Path | None, n: int, seed: int = EVAL_SEED,
                 hits.setdefault(f"echo_{mode}", []).append(max(echoes(reply, text) for text in told))
                 if d.old_value is not None:
                     hits.setdefault(f"updates_{mode}", []).append(score)
-    return {key: sum(v) / len(v) for key, v in hits.items()}
+    return {key: tally(items, f"conversations.{key}", v) for key, v in hits.items()}
 
 
 def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 2048, 8192),
              tasks: Sequence[str] = ("facts", "needle", "squad", "fairytale", "interference", "composed",
                                      "conversations"),
-             cd_steps: int = 0, checkpoint: Path | None = None) -> dict[str, dict]:
+             cd_steps: int = 0, checkpoint: Path | None = None, items: Items | None = None) -> dict[str, dict]:
     """All tasks with `n` questions each (per needle length, per conversation group); returns
-    `{task: {system: score}}`. `checkpoint` is the directory `d2l` was loaded from (None: the shipped
-    one), which the conversation task opens through `D2LMemory`.
+    `{task: {system: score}}`, and fills `items` (when given) with every score's per-question list.
+    `checkpoint` is the directory `d2l` was loaded from (None: the shipped one), which the conversation
+    task opens through `D2LMemory`.
 
     With `cd_steps > 0` the per-document context-distillation baseline (`cd`) runs beside the others on
     the facts and QA tasks (its cost grows with document length; the needle sweep leaves it out).
@@ -188,19 +204,20 @@ def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 
     with_cd = (*systems, "cd") if cd_steps > 0 else systems
     if "facts" in tasks:
         report["facts"] = evaluate_samples(d2l, [fact_sample(rng) for _ in range(n)], "contains", with_cd,
-                                           cd_steps=cd_steps)
+                                           cd_steps=cd_steps, items=items, task="facts")
     if "needle" in tasks:
         filler = " ".join(essays())
         for length in needle_lengths:
             samples = [needle_sample(rng, [filler], length * 4) for _ in range(max(4, n // 4))]
             fits = length <= d2l.max_positions - 256
-            report[f"needle_{length}"] = evaluate_samples(d2l, samples, "contains", systems, fits_window=fits)
+            report[f"needle_{length}"] = evaluate_samples(d2l, samples, "contains", systems, fits_window=fits,
+                                                          items=items, task=f"needle_{length}")
     for task, (path, read) in QA_SETS.items():
         if task not in tasks:
             continue
         pool = list(read(shared_data() / path))
         samples = random.Random(EVAL_SEED).sample(pool, min(n, len(pool)))
-        scores = evaluate_samples(d2l, samples, "f1", with_cd, cd_steps=cd_steps)
+        scores = evaluate_samples(d2l, samples, "f1", with_cd, cd_steps=cd_steps, items=items, task=task)
         for system in ("adapter", "cd"):
             if system in scores:
                 scores[f"{system}_over_icl"] = scores[system] / scores["icl"] if scores.get("icl") else 0.0
@@ -212,8 +229,8 @@ def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 
         questions = [q for q, _ in pairs]
         with_doc = answer(d2l, questions, [None] * len(pairs), adapters)
         without = answer(d2l, questions, [None] * len(pairs), [None] * len(pairs))
-        base_acc = sum(contains(a, g) for a, (_, g) in zip(without, pairs, strict=True)) / len(pairs)
-        ours = sum(contains(a, g) for a, (_, g) in zip(with_doc, pairs, strict=True)) / len(pairs)
+        base_acc = tally(items, "interference.none", [contains(a, g) for a, (_, g) in zip(without, pairs, strict=True)])
+        ours = tally(items, "interference.adapter", [contains(a, g) for a, (_, g) in zip(with_doc, pairs, strict=True)])
         # Beside the 22 with gold answers: many more held-out questions, scored by how much an unrelated
         # adapter changes the base model's own answer (no gold needed: leaving it alone is the target).
         pool = held_out_questions()
@@ -222,15 +239,22 @@ def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 
         disturbed = answer(d2l, asked, [None] * len(asked),
                            [d2l.internalize(fact_sample(documents).context) for _ in asked])
         alone = answer(d2l, asked, [None] * len(asked), [None] * len(asked))
-        agreement = sum(token_f1(a, b) for a, b in zip(disturbed, alone, strict=True)) / len(asked)
+        agreement = tally(items, "interference.agreement_with_base",
+                          [token_f1(a, b) for a, b in zip(disturbed, alone, strict=True)])
         report["interference"] = {"adapter": ours, "none": base_acc,
                                   "adapter_over_none": ours / base_acc if base_acc else 0.0,
                                   "agreement_with_base": agreement, "agreement_questions": len(asked)}
     if "composed" in tasks:
-        report["composed"] = composed_eval(d2l, n)
+        report["composed"] = composed_eval(d2l, n, items=items)
     if "conversations" in tasks:
-        report["conversations"] = conversation_eval(checkpoint, n)
+        report["conversations"] = conversation_eval(checkpoint, n, items=items)
     return report
+
+
+def write_report(path: Path, report: dict[str, dict], items: Items) -> None:
+    """The report as JSON, with the per-question scores under `"items"` (what `training/compare.py` reads)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**report, "items": items}, indent=1))
 
 
 def main() -> None:
@@ -244,11 +268,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     args = parser.parse_args()
     d2l = DocToLoRA.from_pretrained(args.checkpoint)
-    report = run_eval(d2l, args.n, args.needle_lengths, args.tasks, args.cd_steps, args.checkpoint)
-    text = json.dumps(report, indent=1)
-    print(text)
+    items: Items = {}
+    report = run_eval(d2l, args.n, args.needle_lengths, args.tasks, args.cd_steps, args.checkpoint, items)
+    print(json.dumps(report, indent=1))
     if args.out:
-        args.out.write_text(text)
+        write_report(args.out, report, items)
 
 
 if __name__ == "__main__":

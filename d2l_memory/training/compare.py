@@ -1,0 +1,109 @@
+"""Compare two checkpoints' evaluations question by question: is a difference more than noise?
+
+    python -m d2l_memory.training.compare runs/evals/shipped.json runs/evals/candidate.json
+
+Both files come from `evaluate --out` (or `d2l-memory eval --out`) with the same commands, so their
+`items` hold the same questions in the same order. For each score both have, with per-question scores
+`a_i` (the first file, the baseline) and `b_i`, the difference is `mean(b - a)` and its standard error
+is the paired one, `std(b - a) / sqrt(n)` (sample std): questions both checkpoints answer alike add no
+noise, which makes the comparison much tighter than the two rates' own errors at n = 12-48. The
+conversation groups are also pooled (`conversations.<mode>`). A difference beyond `--z` (2) standard
+errors is marked `better` or `worse`; the ship rule in docs/training.md reads this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from d2l_memory.training.evaluate import CONVERSATION_GROUPS, MODES, Items
+
+
+class Difference(BaseModel):
+    """One score of two evaluations on the same questions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str
+    n: int
+    baseline: float
+    candidate: float
+    diff: float
+    se: float  # paired standard error of `diff`; 0 when every question moved alike
+
+    def verdict(self, z: float) -> str:
+        """`better`, `worse`, or `~` (within `z` standard errors)."""
+        if self.diff != 0 and (self.se == 0 or abs(self.diff) > z * self.se):
+            return "better" if self.diff > 0 else "worse"
+        return "~"
+
+
+def pooled(items: Items) -> Items:
+    """`items` plus `conversations.<mode>`: each mode's three groups as one list (updates are a subset of
+    them, and the echo share is not an accuracy, so neither is pooled)."""
+    out = dict(items)
+    for mode in MODES:
+        keys = [f"conversations.{group}_{mode}" for group in CONVERSATION_GROUPS]
+        if all(k in items for k in keys):
+            out[f"conversations.{mode}"] = [s for k in keys for s in items[k]]
+    return out
+
+
+def compare(baseline: Items, candidate: Items) -> list[Difference]:
+    """The paired difference of every score both evaluations hold, in the baseline's order.
+
+    Raises:
+        ValueError: a score whose question counts differ (not the same draw), or no score in common.
+    """
+    a, b = pooled(baseline), pooled(candidate)
+    shared = [k for k in a if k in b]
+    if not shared:
+        raise ValueError("the two evaluations have no score in common (were they run with --out and the same tasks?)")
+    out = []
+    for key in shared:
+        if len(a[key]) != len(b[key]):
+            raise ValueError(f"{key}: {len(a[key])} questions against {len(b[key])}; run both with the same --n")
+        n = len(a[key])
+        d = [y - x for x, y in zip(a[key], b[key], strict=True)]
+        mean = sum(d) / n
+        var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+        out.append(Difference(key=key, n=n, baseline=sum(a[key]) / n, candidate=sum(b[key]) / n, diff=mean,
+                              se=math.sqrt(var / n)))
+    return out
+
+
+def load_items(path: Path) -> Items:
+    """The per-question scores of an `evaluate --out` file.
+
+    Raises:
+        ValueError: a file without them (written before they were recorded, or not an evaluation).
+    """
+    report = json.loads(path.read_text())
+    if not isinstance(report, dict) or "items" not in report:
+        raise ValueError(f"{path} holds no per-question scores ('items'): re-run the evaluation with --out")
+    return report["items"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("baseline", type=Path)
+    parser.add_argument("candidate", type=Path)
+    parser.add_argument("--z", type=float, default=2.0, help="standard errors a difference must exceed")
+    args = parser.parse_args()
+    try:
+        rows = compare(load_items(args.baseline), load_items(args.candidate))
+    except (OSError, ValueError) as e:
+        parser.exit(2, f"error: {e}\n")
+    print("| score | n | baseline | candidate | difference | paired SE | verdict |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r.key} | {r.n} | {r.baseline:.3f} | {r.candidate:.3f} | {r.diff:+.3f} | {r.se:.3f} | "
+              f"{r.verdict(args.z)} |")
+
+
+if __name__ == "__main__":
+    main()
