@@ -415,6 +415,8 @@ def test_compare_pairs_the_same_questions_and_refuses_other_draws(tmp_path):
     assert facts.verdict(2.0) == "~" and facts.verdict(1.0) == "better"
     assert swapped.diff == 0 and swapped.verdict(2.0) == "~"  # same rate, different questions: no change
     assert pooled.n == 6 and pooled.se == 0 and pooled.verdict(2.0) == "better"  # every question gained
+    echo = compare({"conversations.echo_hybrid": [0, 0]}, {"conversations.echo_hybrid": [1, 1]})[0]
+    assert echo.verdict(2.0) == "worse"  # saying the memory back more often is not progress
     with pytest.raises(ValueError, match="same --n"):
         compare(base, {"facts.adapter": [1, 1]})
     (tmp_path / "old.json").write_text(json.dumps({"facts": {"adapter": 0.5}}))

@@ -8,7 +8,8 @@ Both files come from `evaluate --out` (or `d2l-memory eval --out`) with the same
 is the paired one, `std(b - a) / sqrt(n)` (sample std): questions both checkpoints answer alike add no
 noise, which makes the comparison much tighter than the two rates' own errors at n = 12-48. The
 conversation groups are also pooled (`conversations.<mode>`). A difference beyond `--z` (2) standard
-errors is marked `better` or `worse`; the ship rule in docs/training.md reads this table.
+errors is marked `better` or `worse` (for the echo shares, a fall is `better`); the ship rule in
+docs/training.md reads this table.
 """
 
 from __future__ import annotations
@@ -35,10 +36,15 @@ class Difference(BaseModel):
     diff: float
     se: float  # paired standard error of `diff`; 0 when every question moved alike
 
+    @property
+    def lower_is_better(self) -> bool:
+        """The echo share counts replies that say a told session back instead of answering."""
+        return self.key.startswith("conversations.echo_")
+
     def verdict(self, z: float) -> str:
         """`better`, `worse`, or `~` (within `z` standard errors)."""
         if self.diff != 0 and (self.se == 0 or abs(self.diff) > z * self.se):
-            return "better" if self.diff > 0 else "worse"
+            return "better" if (self.diff > 0) != self.lower_is_better else "worse"
         return "~"
 
 
