@@ -31,6 +31,7 @@ from d2l_memory.compose import ComposedCache, Recipe
 from d2l_memory.engines.base import render_chat
 from d2l_memory.lora import LoRA
 from d2l_memory.models import DEFAULT_MODEL
+from d2l_memory.prompts import QA_TEMPLATE
 
 QUESTION = [{"role": "user", "content": "What did Alice say her favourite city was?"}]
 FILLER = ("Alice wrote in her notes that she spent the spring walking along the river, reading old letters, "
@@ -60,8 +61,7 @@ class _Memories:
 def _memory_prompt(tokenizer: Any, n_tokens: int) -> list[dict[str, str]]:
     ids = tokenizer(FILLER * (n_tokens // 20 + 1), add_special_tokens=False)["input_ids"][:n_tokens]
     memory = tokenizer.decode(ids)
-    return [{"role": "user", "content": f"Context: {memory}\n\nUsing the context, answer briefly: "
-                                        f"{QUESTION[0]['content']}"}]
+    return [{"role": "user", "content": QA_TEMPLATE.format(context=memory, question=QUESTION[0]["content"])}]
 
 
 def run_engine_bench(quick: bool = True, model: str = DEFAULT_MODEL, dtype: str = "float32",

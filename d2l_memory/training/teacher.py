@@ -1,7 +1,7 @@
 """Teacher targets for context distillation, generated once and cached on disk in shards.
 
 The teacher is the frozen base model *with the context in its prompt*
-(`Context: {doc}\\n\\nUsing the context, answer briefly: {question}`, a format the 135M model follows).
+(`prompts.QA_TEMPLATE`, a format the 135M model follows).
 Two ways to get the response (`mode`):
 - `greedy` (the paper's): the teacher answers greedily; kept only if the answer contains the gold one;
 - `gold` (about 10x cheaper on CPU: one forward, no generation): the response is the sample's reference
