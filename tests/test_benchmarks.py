@@ -11,6 +11,9 @@ from typer.testing import CliRunner
 
 from d2l_memory.benchmarks import common, locomo, longmemeval
 from d2l_memory.cli import BENCHMARKS, app
+from d2l_memory.d2l import shipped_checkpoint
+from d2l_memory.hypernet import HypernetConfig
+from d2l_memory.models import DEFAULT_MODEL
 from d2l_memory.scoring import echoes
 
 
@@ -136,7 +139,9 @@ def test_cost_quick_values(tmp_path, monkeypatch):
     assert b["kv_measured_bytes"] == b["kv_per_token"] * b["kv_measured_tokens"]  # the formula holds
     rows = {r["tokens"]: r for r in b["rows"]}
     assert rows[1024]["kv_bytes"] == 23_040 * 1024  # SmolLM2: 30 layers x 2 x 3 heads x 64 x bf16
-    assert rows[32768]["adapter_rank"] == 520 and rows[32768]["served_rank"] == 64
+    shipped = HypernetConfig.model_validate_json((shipped_checkpoint(DEFAULT_MODEL) / "config.json").read_text())
+    assert rows[32768]["adapter_rank"] == 64 * shipped.chunk_rank + shipped.rank  # 64 chunks and the bias slot
+    assert rows[32768]["served_rank"] == 64
     write = result["writes"][0]
     assert write["absorb_s"] > 0 and (write["cd_s"] is None or write["cd_s"] > 0)
     assert result["first_token_s"]["context_1024"] > result["first_token_s"]["adapter"]

@@ -32,7 +32,7 @@ def alice(mem):
 def test_absorb_returns_a_durable_record(mem, alice):
     assert isinstance(alice, MemoryRecord)
     assert alice.user_id == "alice" and alice.kind == "document" and alice.text == FACT
-    assert alice.n_tokens > 5 and alice.n_chunks == 1 and alice.rank == 2 * mem.d2l.config.rank
+    assert alice.n_tokens > 5 and alice.n_chunks == 1 and alice.rank == mem.d2l.config.chunk_rank + mem.d2l.bias_rows
     assert alice.metadata == {"source": "test"} and alice.created_at.tzinfo is not None
     assert [r.id for r in mem.list("alice")] == [alice.id]
 

@@ -117,7 +117,8 @@ def test_the_derived_config_is_the_shipped_shape(base):
 
     assert HypernetConfig.for_model(base) == HypernetConfig()  # the defaults are SmolLM2's, read from it
     shipped = HypernetConfig.model_validate_json((shipped_checkpoint(models.DEFAULT_MODEL) / "config.json").read_text())
-    assert HypernetConfig.for_model(base, layers=shipped.layers) == shipped
+    widened = {key: getattr(shipped, key) for key in ("layers", "fast_slots", "fast_map_rank")}
+    assert HypernetConfig.for_model(base, **widened) == shipped
     with pytest.raises(ValueError, match=r"not a linear module .*\['mlp.down_proj'"):
         HypernetConfig.for_model(base, target="mlp.nope")
     with pytest.raises(ValueError, match="fast_weights"):
