@@ -175,7 +175,8 @@ def test_gate_calibration_quick(tmp_path, monkeypatch):
 def test_composition_quick(tmp_path, monkeypatch):
     from d2l_memory.benchmarks import composition
 
-    result = _run_main(composition, tmp_path, monkeypatch)
+    result = _run_main(composition, tmp_path, monkeypatch, "--rank-budget", "128")
+    assert result["rank_budget"] == 128  # the default is 64: the option reached the memory
     assert set(result["accuracy"]) == set(composition.SYSTEMS)
     assert all(0.0 <= v <= 1.0 for v in result["accuracy"].values())
     assert 1.0 <= result["composed_per_question"] <= composition.QUICK.memories  # the asked memory is recalled

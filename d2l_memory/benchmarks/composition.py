@@ -1,6 +1,6 @@
 """Composition: recall when several memories' adapters are composed, summed or averaged.
 
-    python -m d2l_memory.benchmarks.composition [--quick] [--out result.json] [--plot docs/img/bench-composition.png]
+    python -m d2l_memory.benchmarks.composition [--quick] [--rank-budget R] [--out result.json] [--plot PNG]
 
 Each user absorbs `memories` synthetic fact documents about different people (the meta-training
 generator, `training.data.fact_sample`, with a seed no training or evaluation run uses) and is asked
@@ -8,7 +8,8 @@ about the first. `D2LMemory.chat(mode="adapter")` answers with the recalled memo
 relevance gate composed as their `sum` (weight 1 each) and as their `mean` (weight 1/k each,
 `MemoryConfig.composition`), side by side in one run; the references are the same question for a user
 holding only that one document (`alone`: no composition) and the base model (`none`). Accuracy: the
-normalised gold answer appears in the answer.
+normalised gold answer appears in the answer. `--rank-budget` sets `MemoryConfig.rank_budget`: recalled
+memories whose ranks sum above it are SVD-truncated to it (`compose.compose`).
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ QUICK = Size(users=3, memories=3, max_new_tokens=16)
 FULL = Size(users=48, memories=4)
 
 
-def run(size: Size) -> dict[str, Any]:
-    """Absorb every user's documents, ask each user's question under every system, score."""
+def run(size: Size, rank_budget: int | None = None) -> dict[str, Any]:
+    """Absorb every user's documents, ask each user's question under every system, score (`rank_budget`
+    None: `MemoryConfig`'s default)."""
     rng = random.Random(SEED)
     started = environment()
     correct = dict.fromkeys(SYSTEMS, 0)
     composed: list[int] = []
-    with memory_in_tempdir() as mem:
+    with memory_in_tempdir(rank_budget=rank_budget) as mem:
         default = mem.config
         for u in range(size.users):
             docs = [fact_sample(rng) for _ in range(size.memories)]
@@ -62,6 +64,7 @@ def run(size: Size) -> dict[str, Any]:
                 correct[system] += gold in normalize(answer)
             mem.config = default
     return {"benchmark": "composition", "environment": started, "size": size.model_dump(),
+            "rank_budget": default.rank_budget,
             "accuracy": {s: correct[s] / size.users for s in SYSTEMS},
             "composed_per_question": sum(composed) / len(composed)}
 
@@ -69,9 +72,10 @@ def run(size: Size) -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     """The Markdown table of a result."""
     acc = result["accuracy"]
-    head = [f"{s} (n={result['size']['users']})" for s in SYSTEMS] + ["memories composed per question"]
+    head = [f"{s} (n={result['size']['users']})" for s in SYSTEMS] + ["memories composed per question", "rank budget"]
     return f"{result['environment']}\n\n" + table(head, [[*(f"{acc[s]:.3f}" for s in SYSTEMS),
-                                                           f"{result['composed_per_question']:.2f}"]])
+                                                           f"{result['composed_per_question']:.2f}",
+                                                           str(result["rank_budget"])]])
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -88,9 +92,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = bench_args(__doc__.splitlines()[0], f"{QUICK.users} users of {QUICK.memories} memories")
+    parser.add_argument("--rank-budget", type=int, default=None,
+                        help="largest rank of a composed adapter (default: MemoryConfig's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    report(run(QUICK if args.quick else FULL), args, render, plot)
+    report(run(QUICK if args.quick else FULL, args.rank_budget), args, render, plot)
 
 
 if __name__ == "__main__":
