@@ -257,9 +257,24 @@ def test_training_draws_no_held_out_phrasing_attribute_value_or_persona_line(bas
     assert any(t.split(".")[0] in conversations.HELD_OUT_ATTRIBUTES for s in new for t in s.templates)
 
 
+def test_open_attributes_reach_training_data_only():
+    train = [conversations.dialogue(random.Random(i)) for i in range(40)]
+    told = [t for d in train for t in d.templates if ".ask." in t]
+    assert sum(t.startswith("open:") for t in told) >= 10  # about half of the asked facts
+    # Every evaluation draw keeps the hand-written attributes: the in-template group (training phrasings,
+    # eval values), held-out phrasings, held-out attributes, and the composed notes' profiles.
+    evals = [conversations.dialogue(random.Random(i), split, held_out, values="eval")
+             for i in range(40) for split, held_out in (("train", False), ("eval", False), ("eval", True))]
+    assert not any(t.startswith("open:") for d in evals for t in d.templates)
+    _, facts = conversations._profile(random.Random(0), "eval", 8, held_out_attributes=False)
+    assert not any(f.attribute.key.startswith("open:") for f in facts)
+    held_out_words = {"country", "friend", "book", "plate", "registration"}
+    assert not any(w in a.key for a in conversations.OPEN_ATTRIBUTES for w in held_out_words)
+
+
 def test_values_come_from_open_pools_split_by_hash():
     rng = random.Random(0)
-    for kind in ("name", "city", "job", "company", "food", "code"):
+    for kind in ("name", "city", "job", "company", "food", "code", "phrase"):
         values = {conversations.draw_value(kind, rng, "train") for _ in range(300)}
         assert len(values) > 100, kind  # not a short list to pick from
         assert not any(conversations.is_eval_value(v) for v in values)

@@ -110,6 +110,7 @@ VALUES: dict[str, Callable[[random.Random], str]] = {
     "room": lambda r: str(r.randint(100, 999)),
     "plate": lambda r: _fake(r).license_plate(),
     "title": lambda r: _fake(r, latin=False).catch_phrase().title(),
+    "phrase": lambda r: " ".join(w.capitalize() for w in _fake(r, latin=False).words(r.randint(1, 3))),
 }
 
 
@@ -367,6 +368,82 @@ HELD_OUT_ATTRIBUTES = frozenset({"country", "friend", "book", "plate"})
 BY_KEY = {a.key: a for a in ATTRIBUTES}
 
 
+@dataclass(frozen=True)
+class Frames:
+    """An attribute family's phrasings with `{t}` for the thing told about (`Attribute` less key and kind)."""
+
+    tell: tuple[str, ...]
+    ask: tuple[str, ...]
+    answer: str
+    note: tuple[str, ...]
+    ask_about: tuple[str, ...]
+    change: tuple[str, ...]
+
+    def attribute(self, thing: str, kind: str) -> Attribute:
+        def fill(forms: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(f.replace("{t}", thing) for f in forms)
+        return Attribute(f"open:{thing}", kind, fill(self.tell), fill(self.ask), self.answer.replace("{t}", thing),
+                         fill(self.note), fill(self.ask_about), fill(self.change))
+
+
+FAVORITE = Frames(
+    ("My favorite {t} is {v}.", "{v} is my all-time favorite {t}.", "The {t} I like best is {v}.",
+     "If you ask me for my favorite {t}, it's {v}.", "I'm a huge fan of {v}, my favourite {t}.",
+     "My number one {t}? {v}.", "Favorite {t}: {v}, no contest.", "I keep coming back to {v}, my favorite {t}."),
+    ("What is my favorite {t}?", "Which {t} do I like best?", "Remind me of my favourite {t}.",
+     "Do you remember my favorite {t}?", "What did I say my favorite {t} is?", "What's my number one {t}?",
+     "Which {t} is my all-time favorite?", "Can you tell me my favorite {t}?"),
+    "Your favorite {t} is {v}.",
+    ("{n}'s favorite {t} is {v}.", "The {t} {n} likes best is {v}.", "{n} is a big fan of the {t} {v}.",
+     "{n}'s favourite {t}: {v}."),
+    ("What is {n}'s favorite {t}?", "Which {t} does {n} like best?", "What {t} is {n} a fan of?",
+     "What is {n}'s favourite {t}?"),
+    ("My favorite {t} is {v} now.", "These days my favorite {t} is {v}.",
+     "I've switched: {v} is my favorite {t} now.", "Honestly my favorite {t} has become {v}."))
+PERSON = Frames(
+    ("My {t} is called {v}.", "My {t}'s name is {v}.", "{v} is my {t}.", "I talked to my {t} {v} today.",
+     "My {t}, {v}, says hi.", "Meet {v}, my {t}.", "I'm seeing my {t} {v} tomorrow.", "I had lunch with my {t} {v}."),
+    ("What is my {t}'s name?", "What's my {t} called?", "Who is my {t}?", "Remind me of my {t}'s name.",
+     "Do you remember my {t}'s name?", "What did I say my {t} is called?", "What name does my {t} have?",
+     "Can you tell me who my {t} is?"),
+    "Your {t} is called {v}.",
+    ("{n}'s {t} is called {v}.", "{n}'s {t} is {v}.", "{v} is {n}'s {t}.", "{n}'s {t}: {v}."),
+    ("What is the name of {n}'s {t}?", "Who is {n}'s {t}?", "What is {n}'s {t} called?", "What is {n}'s {t}'s name?"),
+    ("I have a new {t} now: {v}.", "My {t} is {v} now.", "My new {t} is called {v}.", "These days my {t} is {v}."))
+DETAIL = Frames(
+    ("My {t} is {v}.", "Note my {t}: {v}.", "For the record, my {t} is {v}.", "My {t}? It's {v}.",
+     "Please remember my {t}, {v}.", "{v}, that's my {t}.", "I just got my {t}: {v}.",
+     "Keep this handy, my {t} is {v}."),
+    ("What is my {t}?", "Remind me of my {t}.", "Do you remember my {t}?", "What did I say my {t} is?",
+     "What's my {t} again?", "Can you tell me my {t}?", "Which {t} did I give you?", "I forgot my {t}, what is it?"),
+    "Your {t} is {v}.",
+    ("{n}'s {t} is {v}.", "The {t} of {n} is {v}.", "{n} gave {v} as the {t}.", "{n}'s {t}: {v}."),
+    ("What is {n}'s {t}?", "What is the {t} of {n}?", "Which {t} did {n} give?", "What {t} does {n} have?"),
+    ("My {t} changed, it's {v} now.", "My new {t} is {v}.", "Update: my {t} is {v}.", "I have a new {t}: {v}."))
+# Open attributes: a few families of frames over many things, so that training shows far more kinds of
+# fact than the hand-written attributes above (what a user may tell is open-ended). Training data only
+# (`_profile` with training values): every evaluation keeps the hand-written attributes, and no thing
+# here is a held-out attribute's.
+OPEN_ATTRIBUTES: tuple[Attribute, ...] = (
+    *(FAVORITE.attribute(thing, kind) for thing, kind in (
+        ("movie", "phrase"), ("song", "phrase"), ("band", "phrase"), ("TV show", "phrase"), ("podcast", "phrase"),
+        ("board game", "phrase"), ("video game", "phrase"), ("album", "phrase"), ("singer", "full_name"),
+        ("painter", "full_name"), ("author", "full_name"), ("actor", "full_name"), ("restaurant", "company"),
+        ("café", "company"), ("holiday destination", "city"), ("city", "city"), ("number", "number"),
+        ("sport", "activity"), ("dessert", "food"), ("snack", "food"), ("animal", "animal"))),
+    *(PERSON.attribute(thing, "name") for thing in (
+        "brother", "cousin", "neighbour", "boss", "dentist", "landlord", "son", "daughter", "grandmother",
+        "grandfather", "niece", "nephew", "coach", "piano teacher", "doctor", "roommate", "colleague", "cat",
+        "horse", "mentor")),
+    *(DETAIL.attribute(thing, kind) for thing, kind in (
+        ("flight number", "code"), ("seat number", "code"), ("wifi password", "code"), ("bike lock code", "code"),
+        ("hotel room", "room"), ("library card number", "code"), ("tracking number", "code"),
+        ("gate number", "code"), ("apartment number", "room"), ("shoe size", "number"), ("wedding date", "date"),
+        ("anniversary", "date"), ("pharmacy", "company"),
+        ("gym", "company"), ("bank", "company"), ("middle name", "name"))),
+)
+
+
 def phrasings(forms: Sequence[str], split: Split) -> list[str]:
     """The split's share of a family of phrasings: every fourth one is held out for evaluation."""
     if len(forms) < 4:
@@ -438,6 +515,10 @@ def _profile(rng: random.Random, split: Split, n: int, held_out_attributes: bool
     if split == "eval" and held_out_attributes:  # held-out attributes plus trained ones around them
         pool = pool + rng.sample(attributes("train"), 4)
     chosen = rng.sample(pool, min(n, len(pool)))
+    if values == "train":  # training data: about half of the facts of open attributes (no evaluation has them)
+        k = sum(rng.random() < 0.5 for _ in chosen)
+        chosen = chosen[k:] + rng.sample(OPEN_ATTRIBUTES, k)
+        rng.shuffle(chosen)
     return person, [Fact(a, draw_value(a.kind, rng, values), person) for a in chosen]
 
 
