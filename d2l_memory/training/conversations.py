@@ -1,7 +1,9 @@
 """Meta-training samples shaped like what `absorb` and `chat` really see: synthetic users who talk.
 
 A synthetic user has a profile of open-vocabulary facts (values from `Faker` and combinatorial pools,
-thousands per attribute, so that no value can be memorised as one of a few). The user tells them over
+thousands per attribute, so that no value can be memorised as one of a few), in training about half of
+them of open attributes (`OPEN_ATTRIBUTES`: three families of phrasings over many things, so that the
+kinds of fact are not a closed list either). The user tells them over
 several sessions, in many phrasings, between real chit-chat lines from MSC dialogues, sometimes
 several in one introduction, sometimes in passing, and sometimes changes one later (a knowledge
 update). Sessions become memories exactly as `D2LMemory.absorb_messages` makes them
