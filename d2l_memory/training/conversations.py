@@ -370,25 +370,16 @@ HELD_OUT_ATTRIBUTES = frozenset({"country", "friend", "book", "plate"})
 BY_KEY = {a.key: a for a in ATTRIBUTES}
 
 
-@dataclass(frozen=True)
-class Frames:
-    """An attribute family's phrasings with `{t}` for the thing told about (`Attribute` less key and kind)."""
-
-    tell: tuple[str, ...]
-    ask: tuple[str, ...]
-    answer: str
-    note: tuple[str, ...]
-    ask_about: tuple[str, ...]
-    change: tuple[str, ...]
-
-    def attribute(self, thing: str, kind: str) -> Attribute:
-        def fill(forms: tuple[str, ...]) -> tuple[str, ...]:
-            return tuple(f.replace("{t}", thing) for f in forms)
-        return Attribute(f"open:{thing}", kind, fill(self.tell), fill(self.ask), self.answer.replace("{t}", thing),
-                         fill(self.note), fill(self.ask_about), fill(self.change))
+def open_attribute(frames: Attribute, thing: str, kind: str) -> Attribute:
+    """`frames` (an attribute family whose phrasings hold `{t}`) told about `thing`, with values of `kind`."""
+    def fill(forms: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(f.replace("{t}", thing) for f in forms)
+    return Attribute(f"open:{thing}", kind, fill(frames.tell), fill(frames.ask), frames.answer.replace("{t}", thing),
+                     fill(frames.note), fill(frames.ask_about), fill(frames.change))
 
 
-FAVORITE = Frames(
+FAVORITE = A(
+    "favorite", "",
     ("My favorite {t} is {v}.", "{v} is my all-time favorite {t}.", "The {t} I like best is {v}.",
      "If you ask me for my favorite {t}, it's {v}.", "I'm a huge fan of {v}, my favourite {t}.",
      "My number one {t}? {v}.", "Favorite {t}: {v}, no contest.", "I keep coming back to {v}, my favorite {t}."),
@@ -402,7 +393,8 @@ FAVORITE = Frames(
      "What is {n}'s favourite {t}?"),
     ("My favorite {t} is {v} now.", "These days my favorite {t} is {v}.",
      "I've switched: {v} is my favorite {t} now.", "Honestly my favorite {t} has become {v}."))
-PERSON = Frames(
+PERSON = A(
+    "person", "",
     ("My {t} is called {v}.", "My {t}'s name is {v}.", "{v} is my {t}.", "I talked to my {t} {v} today.",
      "My {t}, {v}, says hi.", "Meet {v}, my {t}.", "I'm seeing my {t} {v} tomorrow.", "I had lunch with my {t} {v}."),
     ("What is my {t}'s name?", "What's my {t} called?", "Who is my {t}?", "Remind me of my {t}'s name.",
@@ -412,7 +404,8 @@ PERSON = Frames(
     ("{n}'s {t} is called {v}.", "{n}'s {t} is {v}.", "{v} is {n}'s {t}.", "{n}'s {t}: {v}."),
     ("What is the name of {n}'s {t}?", "Who is {n}'s {t}?", "What is {n}'s {t} called?", "What is {n}'s {t}'s name?"),
     ("I have a new {t} now: {v}.", "My {t} is {v} now.", "My new {t} is called {v}.", "These days my {t} is {v}."))
-DETAIL = Frames(
+DETAIL = A(
+    "detail", "",
     ("My {t} is {v}.", "Note my {t}: {v}.", "For the record, my {t} is {v}.", "My {t}? It's {v}.",
      "Please remember my {t}, {v}.", "{v}, that's my {t}.", "I just got my {t}: {v}.",
      "Keep this handy, my {t} is {v}."),
@@ -427,17 +420,17 @@ DETAIL = Frames(
 # (`_profile` with training values): every evaluation keeps the hand-written attributes, and no thing
 # here is a held-out attribute's.
 OPEN_ATTRIBUTES: tuple[Attribute, ...] = (
-    *(FAVORITE.attribute(thing, kind) for thing, kind in (
+    *(open_attribute(FAVORITE, thing, kind) for thing, kind in (
         ("movie", "phrase"), ("song", "phrase"), ("band", "phrase"), ("TV show", "phrase"), ("podcast", "phrase"),
         ("board game", "phrase"), ("video game", "phrase"), ("album", "phrase"), ("singer", "full_name"),
         ("painter", "full_name"), ("author", "full_name"), ("actor", "full_name"), ("restaurant", "company"),
         ("café", "company"), ("holiday destination", "city"), ("city", "city"), ("number", "number"),
         ("sport", "activity"), ("dessert", "food"), ("snack", "food"), ("animal", "animal"))),
-    *(PERSON.attribute(thing, "name") for thing in (
+    *(open_attribute(PERSON, thing, "name") for thing in (
         "brother", "cousin", "neighbour", "boss", "dentist", "landlord", "son", "daughter", "grandmother",
         "grandfather", "niece", "nephew", "coach", "piano teacher", "doctor", "roommate", "colleague", "cat",
         "horse", "mentor")),
-    *(DETAIL.attribute(thing, kind) for thing, kind in (
+    *(open_attribute(DETAIL, thing, kind) for thing, kind in (
         ("flight number", "code"), ("seat number", "code"), ("wifi password", "code"), ("bike lock code", "code"),
         ("hotel room", "room"), ("library card number", "code"), ("tracking number", "code"),
         ("gate number", "code"), ("apartment number", "room"), ("shoe size", "number"), ("wedding date", "date"),
