@@ -119,6 +119,7 @@ def test_resume_is_exact(shard_dir, tmp_path):
                       hypernet={**TINY, "rank": 2}))
     assert "usage_gap" in metrics[-1] and metrics[-1]["scaler_b"] > 0  # the B scalers left zero: it learns
     assert metrics[-1]["eval_loss_chunked"] > 0 and 0 <= metrics[-1]["eval_recall"] <= 1
+    assert metrics[-1].get("eval_value_nll", 1.0) > 0 and 0 <= metrics[-1].get("eval_value_first_top1", 0) <= 1
     assert 0 < metrics[-1]["slot_overlap"] < 1  # logged at every step, trained or not
     assert plot(tmp_path / "straight").stat().st_size > 10_000  # the curves of a run, chunked loss included
 
@@ -452,7 +453,13 @@ def test_long_needles_span_many_chunks_and_bad_bounds_are_refused(base, tmp_path
 
 def test_value_weight_weighs_the_told_value_in_the_reply(base):
     # The told value is one or two tokens of a reply whose form makes up the rest of the loss.
-    from d2l_memory.training.objective import per_example_loss, student_batch, value_positions
+    from d2l_memory.training.objective import (
+        per_example_loss,
+        response_logprobs,
+        student_batch,
+        value_positions,
+        value_scores,
+    )
 
     tok = base.tokenizer
     response = tok("Your partner is Vítězslav, as you told me.", add_special_tokens=False)["input_ids"]
@@ -462,7 +469,7 @@ def test_value_weight_weighs_the_told_value_in_the_reply(base):
     assert value_positions(tok, response, "Oslo") == []
     k = 4
     example = {"question": "Who is my partner?", "answer": "Vítězslav", "control": False,
-               "response": torch.tensor(response), "topk_ids": torch.tensor(response)[:, None].expand(-1, k),
+               "response": torch.tensor(response), "topk_ids": torch.tensor(response)[:, None] + torch.arange(k),
                "topk_logprobs": torch.full((len(response), k), -math.log(k))}
     plain, weighted = student_batch(base, [example]), student_batch(base, [example], value_weight=3.0)
     assert plain.weights.tolist() == [1.0] * len(response)
@@ -471,4 +478,17 @@ def test_value_weight_weighs_the_told_value_in_the_reply(base):
         response)  # a control question has no told value
     with torch.no_grad():
         flat, focused = (per_example_loss(base, b, {}, 1.0).item() for b in (plain, weighted))
+        logprobs = response_logprobs(base, plain, {}, 1.0)
     assert flat != focused
+    assert per_example_loss(base, plain, {}, 1.0, logprobs=logprobs).item() == pytest.approx(flat)
+    # The told value's tokens alone: their mean negative log-likelihood, none for a control question.
+    spelled_nll = -logprobs[spelled, torch.tensor(response)[spelled]].mean().item()
+    scores = value_scores(plain, logprobs)
+    assert scores["value_nll"] == pytest.approx(spelled_nll) and spelled_nll > 0
+    assert scores["value_first_top1"] == float(logprobs[spelled[0]].argmax() == response[spelled[0]])
+    assert value_scores(student_batch(base, [{**example, "control": True}]), logprobs) == {}
+    # Scored by cross-entropy on the reference there, the told value's tokens no longer follow the teacher.
+    mixed = per_example_loss(base, plain, {}, 1.0, logprobs=logprobs, value_ce=True).item()
+    teacher = -(plain.topk_logprobs.exp() * logprobs.gather(-1, plain.topk_ids)).sum(-1)
+    gold = -logprobs.gather(-1, plain.targets[:, None]).squeeze(-1)
+    assert mixed == pytest.approx(torch.where(plain.values, gold, teacher).mean().item()) and mixed != flat

@@ -9,8 +9,8 @@ times, default 1), then over examples (one question per context here, so this is
 per-context average), plus `l1 * mean(|A|) + mean(|B|)` over the generated factors, plus
 `slot_diversity * slot_overlap(A)` and `key_alignment * key_alignment_loss` (below). With `use_gold_ce`
 the teacher is replaced by plain cross-entropy on the stored response tokens (the paper's choice for
-needle data). Logits are computed only at response positions: the 49k-way head would otherwise dominate
-the step on CPU.
+needle data); with `value_ce`, only on the tokens that spell the told value. Logits are computed only
+at response positions: the 49k-way head would otherwise dominate the step on CPU.
 """
 
 from __future__ import annotations
@@ -104,21 +104,51 @@ def student_batch(base: LoadedModel, examples: Sequence[dict], value_weight: flo
     )
 
 
-def per_example_loss(base: LoadedModel, batch: StudentBatch, factors: dict, scale: float,
-                     use_gold_ce: bool = False) -> torch.Tensor:
-    """`[B]` distillation (or CE) loss of each example with the given per-row LoRA factors."""
+def response_logprobs(base: LoadedModel, batch: StudentBatch, factors: dict, scale: float) -> torch.Tensor:
+    """`[P, V]` the student's log-probabilities at each response position, with the given per-row LoRA
+    factors."""
     with applied(base.model, factors, scale):
         hidden = base.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   use_cache=False).last_hidden_state
-    logprobs = base.model.lm_head(hidden[batch.rows, batch.cols]).float().log_softmax(-1)
+    return base.model.lm_head(hidden[batch.rows, batch.cols]).float().log_softmax(-1)
+
+
+def per_example_loss(base: LoadedModel, batch: StudentBatch, factors: dict, scale: float,
+                     use_gold_ce: bool = False, logprobs: torch.Tensor | None = None,
+                     value_ce: bool = False) -> torch.Tensor:
+    """`[B]` distillation (or CE) loss of each example with the given per-row LoRA factors (or from the
+    already computed `response_logprobs`). With `value_ce`, the tokens that spell the told value are scored
+    by cross-entropy on the response token and the rest against the teacher: the response is the reference
+    sentence, and where its wording leaves the teacher's ("is now", "is a") the teacher's top-k at the
+    value's first token is mostly frame words (docs/training.md, "The teacher at the told value")."""
+    if logprobs is None:
+        logprobs = response_logprobs(base, batch, factors, scale)
+    gold = -logprobs.gather(-1, batch.targets[:, None]).squeeze(-1)
     if use_gold_ce:
-        token_loss = -logprobs.gather(-1, batch.targets[:, None]).squeeze(-1)
+        token_loss = gold
     else:
         token_loss = -(batch.topk_logprobs.exp() * logprobs.gather(-1, batch.topk_ids)).sum(-1)
+        if value_ce:
+            token_loss = torch.where(batch.values, gold, token_loss)
     n = int(batch.example.max()) + 1
     totals = torch.zeros(n).index_add(0, batch.example, token_loss * batch.weights)
     counts = torch.zeros(n).index_add(0, batch.example, batch.weights)
     return totals / counts
+
+
+def value_scores(batch: StudentBatch, logprobs: torch.Tensor) -> dict[str, float]:
+    """How well the student says the told values after the reference's lead-in, from `response_logprobs`:
+    `value_nll`, the mean `-log q_student(token)` over the tokens that spell them, and `value_first_top1`,
+    the share of examples whose value's first token is the student's top-1 ({} when no example spells a
+    value). Greedy recall of held-out values stays at zero long after the whole-reply loss falls, and the
+    first token is where it fails (docs/training.md, "The teacher at the told value")."""
+    if not bool(batch.values.any()):
+        return {}
+    gold = logprobs.gather(-1, batch.targets[:, None]).squeeze(-1)
+    top1 = logprobs.argmax(-1) == batch.targets
+    position = torch.arange(len(batch.targets))
+    first = [int(position[(batch.example == i) & batch.values][0]) for i in batch.example[batch.values].unique()]
+    return {"value_nll": -gold[batch.values].mean().item(), "value_first_top1": top1[first].float().mean().item()}
 
 
 def l1_penalty(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

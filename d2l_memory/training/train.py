@@ -49,8 +49,10 @@ from d2l_memory.training.objective import (
     l1_penalty,
     module_inputs,
     per_example_loss,
+    response_logprobs,
     slot_overlap,
     student_batch,
+    value_scores,
 )
 from d2l_memory.training.teacher import ShardSet, greedy, prompt_ids
 
@@ -91,6 +93,9 @@ class TrainConfig(BaseModel):
     composition: Literal["sum", "mean"] = Field("mean", description="how an example's memories combine; "
                                                 "train what `MemoryConfig.composition` serves")
     gold_ce: bool = False
+    value_ce: bool = Field(False, description="score the response tokens that spell the told value by "
+                           "cross-entropy on the reference instead of the teacher's top-k (the held-out "
+                           "loss stays the teacher's)")
     eval_every: int = 50
     eval_examples: int = 32
     recall_examples: int = Field(12, description="held-out examples answered greedily at each evaluation: "
@@ -297,22 +302,28 @@ def load_checkpoint(directory: Path, d2l: DocToLoRA, opt: torch.optim.Optimizer,
 @torch.no_grad()
 def usage_gap(d2l: DocToLoRA, examples: list[dict], config: TrainConfig) -> dict[str, float]:
     """Held-out loss with each example's own document (whole, and cut into `max_chunks` chunks), with the
-    next example's document, and with none."""
+    next example's document, and with none; the same three for the told values' tokens alone
+    (`eval_value_nll*`, nats per token, and `eval_value_first_top1*`); greedy recall of the told values
+    (`eval_recall`)."""
     d2l.hypernet.eval()
     real = [ex for ex in examples if not ex["control"]]
     batch = student_batch(d2l.base, real)
     rows = [ex.get("memories") or [ex["context"]] for ex in real]
     own, _, _ = batch_factors(d2l, rows, [1] * len(real), composition=config.composition)
     other, _, _ = batch_factors(d2l, rows[1:] + rows[:1], [1] * len(real), composition=config.composition)
-    loss_own = per_example_loss(d2l.base, batch, own, d2l.config.scale, config.gold_ce).mean().item()
-    loss_other = per_example_loss(d2l.base, batch, other, d2l.config.scale, config.gold_ce).mean().item()
-    loss_none = per_example_loss(d2l.base, batch, {}, 1.0, config.gold_ce).mean().item()
+    metrics = {}
+    for name, factors, scale in (("", own, d2l.config.scale), ("_shuffled", other, d2l.config.scale),
+                                 ("_no_lora", {}, 1.0)):
+        logprobs = response_logprobs(d2l.base, batch, factors, scale)
+        metrics[f"eval_loss{name}"] = per_example_loss(d2l.base, batch, factors, scale, config.gold_ce,
+                                                       logprobs).mean().item()
+        metrics.update({f"eval_{key}{name}": v for key, v in value_scores(batch, logprobs).items()})
+        del logprobs
     # Stage 2's question: does the own document still help when cut into chunks whose adapters are summed?
     chunked, _, _ = batch_factors(d2l, [[ex["context"]] for ex in real], [config.max_chunks] * len(real),
                                   config.min_chunk_tokens)
     loss_chunked = per_example_loss(d2l.base, batch, chunked, d2l.config.scale, config.gold_ce).mean().item()
-    metrics = {"eval_loss": loss_own, "eval_loss_shuffled": loss_other, "eval_loss_no_lora": loss_none,
-               "eval_loss_chunked": loss_chunked, "usage_gap": loss_other - loss_own}
+    metrics.update(eval_loss_chunked=loss_chunked, usage_gap=metrics["eval_loss_shuffled"] - metrics["eval_loss"])
     asked = [ex for ex in real if ex.get("answer")][: config.recall_examples]
     if asked:
         factors, _, _ = batch_factors(d2l, [ex.get("memories") or [ex["context"]] for ex in asked], [1] * len(asked),
@@ -416,7 +427,8 @@ def train(config: TrainConfig) -> None:
                 batch = student_batch(base, examples, config.value_weight)
                 names = d2l.config.module_names()
                 with module_inputs(base.model, names, batch.rows[batch.values], batch.cols[batch.values]) as seen:
-                    kd = per_example_loss(base, batch, factors, d2l.config.scale, config.gold_ce).mean()
+                    kd = per_example_loss(base, batch, factors, d2l.config.scale, config.gold_ce,
+                                          value_ce=config.value_ce).mean()
                 reg = l1_penalty(a, b)
                 overlap = slot_overlap(a)
                 memory_rank = factors[names[0]][0].shape[1] - d2l.bias_rows
