@@ -456,6 +456,7 @@ def test_value_weight_weighs_the_told_value_in_the_reply(base):
     from d2l_memory.training.objective import (
         per_example_loss,
         response_logprobs,
+        response_loss,
         student_batch,
         value_positions,
         value_scores,
@@ -480,7 +481,7 @@ def test_value_weight_weighs_the_told_value_in_the_reply(base):
         flat, focused = (per_example_loss(base, b, {}, 1.0).item() for b in (plain, weighted))
         logprobs = response_logprobs(base, plain, {}, 1.0)
     assert flat != focused
-    assert per_example_loss(base, plain, {}, 1.0, logprobs=logprobs).item() == pytest.approx(flat)
+    assert response_loss(plain, logprobs).item() == pytest.approx(flat)
     # The told value's tokens alone: their mean negative log-likelihood, none for a control question.
     spelled_nll = -logprobs[spelled, torch.tensor(response)[spelled]].mean().item()
     scores = value_scores(plain, logprobs)
@@ -488,7 +489,7 @@ def test_value_weight_weighs_the_told_value_in_the_reply(base):
     assert scores["value_first_top1"] == float(logprobs[spelled[0]].argmax() == response[spelled[0]])
     assert value_scores(student_batch(base, [{**example, "control": True}]), logprobs) == {}
     # Scored by cross-entropy on the reference there, the told value's tokens no longer follow the teacher.
-    mixed = per_example_loss(base, plain, {}, 1.0, logprobs=logprobs, value_ce=True).item()
+    mixed = response_loss(plain, logprobs, value_ce=True).item()
     teacher = -(plain.topk_logprobs.exp() * logprobs.gather(-1, plain.topk_ids)).sum(-1)
     gold = -logprobs.gather(-1, plain.targets[:, None]).squeeze(-1)
     assert mixed == pytest.approx(torch.where(plain.values, gold, teacher).mean().item()) and mixed != flat

@@ -113,27 +113,30 @@ def response_logprobs(base: LoadedModel, batch: StudentBatch, factors: dict, sca
     return base.model.lm_head(hidden[batch.rows, batch.cols]).float().log_softmax(-1)
 
 
-def per_example_loss(base: LoadedModel, batch: StudentBatch, factors: dict, scale: float,
-                     use_gold_ce: bool = False, logprobs: torch.Tensor | None = None,
-                     value_ce: bool = False) -> torch.Tensor:
-    """`[B]` distillation (or CE) loss of each example with the given per-row LoRA factors (or from the
-    already computed `response_logprobs`). With `value_ce`, the tokens that spell the told value are scored
-    by cross-entropy on the response token and the rest against the teacher: the response is the reference
-    sentence, and where its wording leaves the teacher's ("is now", "is a") the teacher's top-k at the
-    value's first token is mostly frame words (docs/training.md, "The teacher at the told value")."""
-    if logprobs is None:
-        logprobs = response_logprobs(base, batch, factors, scale)
-    gold = -logprobs.gather(-1, batch.targets[:, None]).squeeze(-1)
+def response_loss(batch: StudentBatch, logprobs: torch.Tensor, use_gold_ce: bool = False,
+                  value_ce: bool = False) -> torch.Tensor:
+    """`[B]` distillation (or CE) loss of each example from its `response_logprobs`. With `value_ce`, the
+    tokens that spell the told value are scored by cross-entropy on the response token and the rest against
+    the teacher: the response is the reference sentence, and where its wording leaves the teacher's ("is
+    now", "is a") the teacher's top-k at the value's first token is mostly frame words (docs/training.md,
+    "The teacher at the told value")."""
     if use_gold_ce:
-        token_loss = gold
+        token_loss = -logprobs.gather(-1, batch.targets[:, None]).squeeze(-1)
     else:
         token_loss = -(batch.topk_logprobs.exp() * logprobs.gather(-1, batch.topk_ids)).sum(-1)
         if value_ce:
+            gold = -logprobs.gather(-1, batch.targets[:, None]).squeeze(-1)
             token_loss = torch.where(batch.values, gold, token_loss)
     n = int(batch.example.max()) + 1
     totals = torch.zeros(n).index_add(0, batch.example, token_loss * batch.weights)
     counts = torch.zeros(n).index_add(0, batch.example, batch.weights)
     return totals / counts
+
+
+def per_example_loss(base: LoadedModel, batch: StudentBatch, factors: dict, scale: float,
+                     use_gold_ce: bool = False, value_ce: bool = False) -> torch.Tensor:
+    """`[B]` `response_loss` of each example with the given per-row LoRA factors."""
+    return response_loss(batch, response_logprobs(base, batch, factors, scale), use_gold_ce, value_ce)
 
 
 def value_scores(batch: StudentBatch, logprobs: torch.Tensor) -> dict[str, float]:

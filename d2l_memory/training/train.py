@@ -50,6 +50,7 @@ from d2l_memory.training.objective import (
     module_inputs,
     per_example_loss,
     response_logprobs,
+    response_loss,
     slot_overlap,
     student_batch,
     value_scores,
@@ -315,8 +316,7 @@ def usage_gap(d2l: DocToLoRA, examples: list[dict], config: TrainConfig) -> dict
     for name, factors, scale in (("", own, d2l.config.scale), ("_shuffled", other, d2l.config.scale),
                                  ("_no_lora", {}, 1.0)):
         logprobs = response_logprobs(d2l.base, batch, factors, scale)
-        metrics[f"eval_loss{name}"] = per_example_loss(d2l.base, batch, factors, scale, config.gold_ce,
-                                                       logprobs).mean().item()
+        metrics[f"eval_loss{name}"] = response_loss(batch, logprobs, config.gold_ce).mean().item()
         metrics.update({f"eval_{key}{name}": v for key, v in value_scores(batch, logprobs).items()})
         del logprobs
     # Stage 2's question: does the own document still help when cut into chunks whose adapters are summed?
