@@ -3,7 +3,10 @@
     python -m d2l_memory.training.compare runs/evals/shipped.json runs/evals/candidate.json
 
 Both files come from `evaluate --out` (or `d2l-memory eval --out`) with the same commands, so their
-`items` hold the same questions in the same order. For each score both have, with per-question scores
+`items` hold the same questions in the same order; or both from the same LoCoMo or LongMemEval benchmark
+command (`--out`), whose `records` are paired question by question (`locomo.<system>` is the F1 of
+categories 1-4, `locomo.<system>.adversarial` category 5's accuracy; `longmemeval.<system>` the F1 and
+`longmemeval.<system>.correct` the accuracy). For each score both have, with per-question scores
 `a_i` (the first file, the baseline) and `b_i`, the difference is `mean(b - a)` and its standard error
 is the paired one, `std(b - a) / sqrt(n)` (sample std): questions both checkpoints answer alike add no
 noise, which makes the comparison much tighter than the two rates' own errors at n = 12-48. The
@@ -18,6 +21,7 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -82,16 +86,42 @@ def compare(baseline: Items, candidate: Items) -> list[Difference]:
     return out
 
 
-def load_items(path: Path) -> Items:
-    """The per-question scores of an `evaluate --out` file.
+def record_items(report: dict[str, Any]) -> tuple[Items, list[str]]:
+    """A benchmark report's per-question scores (see the module docstring for the keys), and the
+    questions they answer, once each in the order of the scores, so two runs can be checked to be one draw.
+
+    Raises:
+        ValueError: a benchmark whose records this does not know how to score.
+    """
+    name, records = report.get("benchmark"), report["records"]
+    fields = {"locomo": (("", "score"),), "longmemeval": (("", "f1"), (".correct", "correct"))}
+    if name not in fields:
+        raise ValueError(f"benchmark {name!r} has no per-question pairing (only LoCoMo and LongMemEval)")
+    items: Items = {}
+    questions: list[str] = []
+    for r in records:
+        group = ".adversarial" if r.get("category") == 5 else ""
+        for suffix, field in fields[name]:
+            items.setdefault(f"{name}.{r['system']}{group}{suffix}", []).append(float(r[field]))
+        question = f"{r.get('conversation', '')}|{r.get('question_id') or r.get('question')}"
+        if r["system"] == records[0]["system"]:
+            questions.append(question)
+    return items, questions
+
+
+def load_items(path: Path) -> tuple[Items, list[str] | None]:
+    """The per-question scores of an `evaluate --out` file or a LoCoMo/LongMemEval benchmark's `--out`
+    file, and for a benchmark the questions they answer (None for an evaluation, whose draw is fixed).
 
     Raises:
         ValueError: a file without them (written before they were recorded, or not an evaluation).
     """
     report = json.loads(path.read_text())
+    if isinstance(report, dict) and "records" in report:
+        return record_items(report)
     if not isinstance(report, dict) or "items" not in report:
         raise ValueError(f"{path} holds no per-question scores ('items'): re-run the evaluation with --out")
-    return report["items"]
+    return report["items"], None
 
 
 def main() -> None:
@@ -101,7 +131,11 @@ def main() -> None:
     parser.add_argument("--z", type=float, default=2.0, help="standard errors a difference must exceed")
     args = parser.parse_args()
     try:
-        rows = compare(load_items(args.baseline), load_items(args.candidate))
+        (a, a_questions), (b, b_questions) = load_items(args.baseline), load_items(args.candidate)
+        if a_questions != b_questions:
+            raise ValueError("the two files answer different questions: run the same benchmark command (same "
+                             "--size and seed) on both checkpoints")
+        rows = compare(a, b)
     except (OSError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
     print("| score | n | baseline | candidate | difference | paired SE | verdict |")
