@@ -278,8 +278,8 @@ def report(result: Mapping[str, Any], args: argparse.Namespace, render: Callable
 
 def bench_args(description: str, quick_help: str, systems: bool = False) -> argparse.ArgumentParser:
     """The arguments every benchmark takes: `--quick`, `--out` (JSON result), `--plot` (PNG); with
-    `systems`, also `--systems` (a memory benchmark run for some of its systems only) and `--composition`
-    (how the recalled memories' adapters are weighted)."""
+    `systems`, also `--systems` (a memory benchmark run for some of its systems only), `--composition`
+    (how the recalled memories' adapters are weighted) and `--hypernet` (which checkpoint writes them)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
@@ -290,6 +290,8 @@ def bench_args(description: str, quick_help: str, systems: bool = False) -> argp
                             help="run only these systems (default: every system of the size)")
         parser.add_argument("--composition", choices=get_args(MemoryConfig.model_fields["composition"].annotation),
                             default=None, help="sum or mean of the recalled adapters (default: MemoryConfig's)")
+        parser.add_argument("--hypernet", type=Path, default=None,
+                            help="hypernetwork checkpoint dir (default: the shipped one), e.g. a training candidate")
     return parser
 
 

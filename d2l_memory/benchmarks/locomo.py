@@ -169,15 +169,17 @@ def score(qa: dict[str, Any], answer: str, options: dict[str, str]) -> float:
 
 
 # -- the run -------------------------------------------------------------------------------------------
-def run(size: Size, systems: Sequence[str] | None = None, composition: str | None = None) -> dict[str, Any]:
+def run(size: Size, systems: Sequence[str] | None = None, composition: str | None = None,
+        hypernet: Path | None = None) -> dict[str, Any]:
     """Absorb each conversation into every system, answer the sampled questions, score and time them
-    (`composition`: `MemoryConfig.composition`, its default when None)."""
+    (`composition`: `MemoryConfig.composition`, `hypernet`: `MemoryConfig.hypernet`, their defaults when
+    None)."""
     systems = tuple(systems or system_list(size.cd))
     started = environment()  # the date and commit the run started from
     data = {s["sample_id"]: s for s in load()}
     records: list[dict[str, Any]] = []
     conversations: list[dict[str, Any]] = []
-    with memory_in_tempdir(composition=composition) as mem:
+    with memory_in_tempdir(composition=composition, hypernet=hypernet and str(hypernet)) as mem:
         composition = mem.config.composition
         tok = mem.d2l.base.tokenizer
         for conv_id in size.conversations:
@@ -218,7 +220,7 @@ def run(size: Size, systems: Sequence[str] | None = None, composition: str | Non
                                     "system": system, "answer": got.text, "score": score(qa, got.text, options),
                                     "seconds": got.seconds, "prompt_tokens": got.prompt_tokens})
     return {"benchmark": "locomo", "environment": started, "size": size.model_dump(), "systems": list(systems),
-            "composition": composition, "conversations": conversations,
+            "composition": composition, "hypernet": str(hypernet or "shipped"), "conversations": conversations,
             "summary": summarize(records, conversations, systems), "records": records}
 
 
@@ -291,7 +293,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    result = run(SIZES["quick" if args.quick else args.size], args.systems, args.composition)
+    result = run(SIZES["quick" if args.quick else args.size], args.systems, args.composition, args.hypernet)
     report(result, args, render, plot)
 
 

@@ -123,20 +123,21 @@ def rescore(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(size: Size, systems: Sequence[str] | None = None, out: Path | None = None,
-        composition: str | None = None) -> dict[str, Any]:
+        composition: str | None = None, hypernet: Path | None = None) -> dict[str, Any]:
     """Absorb each question's sessions, answer it with every system, score and time (the result so far is
     saved to `out` after each question, so a run cut short still reports what it measured; `composition`:
-    `MemoryConfig.composition`, its default when None)."""
+    `MemoryConfig.composition`, `hypernet`: `MemoryConfig.hypernet`, their defaults when None)."""
     systems = tuple(systems or system_list(size.cd))
     started = environment()  # the date and commit the run started from
     records: list[dict[str, Any]] = []
 
     def result() -> dict[str, Any]:
         return {"benchmark": "longmemeval", "environment": started, "size": size.model_dump(),
-                "systems": list(systems), "composition": composition, "summary": summarize(records, systems),
+                "systems": list(systems), "composition": composition, "hypernet": str(hypernet or "shipped"),
+                "summary": summarize(records, systems),
                 "records": records}
 
-    with memory_in_tempdir(composition=composition) as mem:
+    with memory_in_tempdir(composition=composition, hypernet=hypernet and str(hypernet)) as mem:
         composition = mem.config.composition
         tok = mem.d2l.base.tokenizer
         for item in pick(load(), size):
@@ -234,7 +235,8 @@ def main() -> None:
     else:
         torch.set_num_threads(args.threads)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-        result = run(QUICK if args.quick else FULL, args.systems, out=args.out, composition=args.composition)
+        result = run(QUICK if args.quick else FULL, args.systems, out=args.out, composition=args.composition,
+                     hypernet=args.hypernet)
     report(result, args, render, plot)
 
 
