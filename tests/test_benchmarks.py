@@ -4,6 +4,7 @@ system with sane values; the scorers follow the papers' protocols."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -107,10 +108,17 @@ def test_locomo_quick_through_the_cli(tmp_path, monkeypatch):
     assert absorb["adapter"] > 0 and absorb["full-history"] == absorb["none"] == 0
 
 
+def test_a_missing_candidate_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no hypernetwork checkpoint in .*missing"):
+        locomo.run(locomo.SIZES["quick"], ["adapter"], hypernet=tmp_path / "missing")
+
+
 @pytest.mark.slow
 def test_longmemeval_quick_values(tmp_path, monkeypatch):
-    result = _run_main(longmemeval, tmp_path, monkeypatch, "--composition", "sum")
+    candidate = shutil.copytree(shipped_checkpoint("smollm2-135m-instruct"), tmp_path / "candidate")
+    result = _run_main(longmemeval, tmp_path, monkeypatch, "--composition", "sum", "--hypernet", str(candidate))
     assert result["composition"] == "sum"  # the default is mean: the option reached the memory
+    assert result["hypernet"] == str(candidate)
     summary = result["summary"]
     assert set(summary) == _systems()
     for row in summary.values():
