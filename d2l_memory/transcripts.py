@@ -54,7 +54,8 @@ def transcript_turns(messages: object, roles: Collection[str] | None = None) -> 
     """
     if isinstance(roles, str):
         raise TypeError(f"roles must be a collection of role names such as ('user',), not the string {roles!r}")
-    return [f"{role.capitalize()}: {content.strip()}" for role, content in normalize_messages(messages)
+    # Only the first letter is raised: a named role ("Ross Geller", "McKenzie") keeps its own capitals.
+    return [f"{role[:1].upper()}{role[1:]}: {content.strip()}" for role, content in normalize_messages(messages)
             if content.strip() and (roles is None or role in roles)]
 
 

@@ -25,10 +25,13 @@ from d2l_memory.scoring import token_f1
 from d2l_memory.training import conversations, recital
 from d2l_memory.training.data import (
     FAIRYTALE_TRAIN_FILE,
+    FRIENDS_TRAIN_FILE,
     TRAIN_FILES,
     control_questions,
+    detokenize,
     fact_sample,
     fairytale_samples,
+    friends_samples,
     shared_data,
     squad_samples,
 )
@@ -83,6 +86,24 @@ def test_mix_never_reads_benchmarks():
     assert sources <= {"facts", "needle", "fairytale", "squad:new_wiki_v1.0", "squad:reddit_v1.0",
                        "squad:amazon_reviews_v1.0", "squad:saipriya_train-v1.1_sample"}
     assert token_f1("the Eiffel tower", "Eiffel Tower!") == 1.0 and token_f1("no", "yes") == 0.0
+
+
+def test_friends_scenes_are_chats_as_absorb_messages_writes_them(base):
+    count = lambda text: len(base.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    samples = list(friends_samples(shared_data() / FRIENDS_TRAIN_FILE, count))
+    assert len(samples) > 1000 and {s.source.split(":")[0] for s in samples} == {"friends"}
+    for s in samples:
+        assert s.answer in s.context and s.context in s.memories and len(s.memories) <= 3
+        # absorb_messages' segment budget, counted per turn (a longer single turn is a memory of its own)
+        assert all(sum(map(count, m.splitlines())) <= 256 or "\n" not in m for m in s.memories)
+        assert all(": " in line for line in s.context.splitlines())  # one `Speaker: text` line per turn
+    assert any(line.startswith("Ross Geller: ") for s in samples for line in s.context.splitlines())
+    assert detokenize("I do n't know , we 're gon na see ( laughs ) .") == "I don't know, we're gonna see (laughs)."
+    # The test file is held out: none of its scenes is a training sample's.
+    test = json.loads((shared_data() / "friendsqa" / "friendsqa_tst.json").read_text())["data"]
+    assert test and not {scene["title"] for scene in test} & {s.source.split(":", 1)[1] for s in samples}
+    # Named speakers keep their capitals, as absorb_messages now writes them.
+    assert transcript_turns([("Ross Geller", "hi"), ("user", "yo")]) == ["Ross Geller: hi", "User: yo"]
 
 
 def _config(shard_dir, out, **kw) -> TrainConfig:

@@ -5,8 +5,11 @@ Each `Sample` is one (context, question, answer) triple. Sources:
   held-out samples use combinations never seen in training;
 - `needle`: a code or number hidden in Paul Graham essay filler at a random depth;
 - `squad`: SQuADShifts (new wiki, reddit, amazon) and the SQuAD v1.1 train sample passages with
-  their own questions; `fairytale`: FairytaleQA train sections.
-LoCoMo, LongMemEval and the SQuAD v1.1 dev sample are benchmarks and never read here.
+  their own questions; `fairytale`: FairytaleQA train sections;
+- `friends`: FriendsQA scenes (several named speakers) as `absorb_messages` writes a chat, asked about
+  who said or did what in the third person.
+LoCoMo, LongMemEval, the SQuAD v1.1 dev sample and the FriendsQA test file are benchmarks or held out,
+and never read here.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
+
+from d2l_memory.transcripts import segment_turns, transcript_turns
 
 
 def shared_data() -> Path:
@@ -165,9 +171,49 @@ def fairytale_samples(path: Path, max_context_chars: int = 1500) -> Iterator[Sam
                 yield Sample(context=text.strip(), question=qa["question"], answer=answer, source="fairytale")
 
 
+def detokenize(text: str) -> str:
+    """FriendsQA's tokenized text ("do n't", "gon na", "hello ,") written the way people type it."""
+    text = re.sub(r" (n't|'s|'re|'ve|'ll|'m|'d)\b", r"\1", text)
+    text = re.sub(r"\b(gon|wan|got) (na|ta)\b", r"\1\2", text)
+    text = re.sub(r" ([.,!?;:%)\]])", r"\1", text)
+    return re.sub(r"([(\[]) ", r"\1", text).strip()
+
+
+def friends_samples(path: Path, count_tokens: Callable[[str], int], segment_tokens: int = 256,
+                    max_distractors: int = 2) -> Iterator[Sample]:
+    """FriendsQA: each scene's utterances as `absorb_messages` writes them (`Speaker: text` lines, cut at
+    turn boundaries into `segment_tokens` memories) with its own questions (first gold answer). The
+    context is the memory holding the answer's utterance; the student's adapter composes it with up to
+    `max_distractors` other memories of the same scene, drawn with a per-scene seed (reproducible)."""
+    for scene in json.loads(path.read_text())["data"]:
+        for para in scene["paragraphs"]:
+            utterances = para["utterances:"]
+            turns = transcript_turns([(" and ".join(u["speakers"]) or "Someone", detokenize(u["utterance"]))
+                                      for u in utterances if u["utterance"].strip()])
+            memories = segment_turns(turns, count_tokens, segment_tokens)
+            rng = random.Random(scene["title"])
+            for qa in para["qas"]:
+                if not qa["answers"]:
+                    continue
+                answer = detokenize(qa["answers"][0]["answer_text"]).rstrip(" .")
+                uid = qa["answers"][0]["utterance_id"]
+                if not answer or not 0 <= uid < len(utterances):
+                    continue
+                line = detokenize(utterances[uid]["utterance"])
+                holding = [m for m in memories if line in m and answer in m]
+                if not holding:
+                    continue
+                others = [m for m in memories if m is not holding[0]]
+                composed = [holding[0], *rng.sample(others, min(len(others), rng.randint(0, max_distractors)))]
+                rng.shuffle(composed)
+                yield Sample(context=holding[0], question=detokenize(qa["question"]), answer=answer,
+                             source=f"friends:{scene['title']}", memories=composed)
+
+
 TRAIN_FILES = ["squadshifts/new_wiki_v1.0.json", "squadshifts/reddit_v1.0.json",
                "squadshifts/amazon_reviews_v1.0.json", "squad/saipriya_train-v1.1_sample.json"]
 FAIRYTALE_TRAIN_FILE = "fairytaleqa/fairytaleqa_train.jsonl"
+FRIENDS_TRAIN_FILE = "friendsqa/friendsqa_dev.json"  # friendsqa_tst.json stays out of training
 
 
 CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Egypt": "Cairo", "Canada": "Ottawa",

@@ -9,8 +9,9 @@
 users' conversations, notes and tool results (`conversations.py`, open-vocabulary values, many
 phrasings), needles of many kinds in essay filler, the first generation's template facts and needles
 (`data.py`, kept so that what was learnt is not forgotten), SQuADShifts/SQuAD-train and FairytaleQA
-passages, self-supervised recitals of real text (`recital.py`: a memory said back, or continued from
-a quoted piece), and `hybrid` conversations whose student also reads the answer's memory in its prompt.
+passages, FriendsQA scenes (named speakers, asked about in the third person), self-supervised
+recitals of real text (`recital.py`: a memory said back, or continued from a quoted piece), and `hybrid`
+conversations whose student also reads the answer's memory in its prompt.
 `--split eval` draws only held-out phrasings, attributes and values (QA sources and `hybrid` are then
 left out: the reading sets' held-out halves are the evaluation's own files, and the held-out shard
 measures adapters alone).
@@ -29,12 +30,14 @@ from d2l_memory.models import DEFAULT_MODEL, load_model
 from d2l_memory.training import conversations
 from d2l_memory.training.data import (
     FAIRYTALE_TRAIN_FILE,
+    FRIENDS_TRAIN_FILE,
     TRAIN_FILES,
     Sample,
     control_questions,
     essays,
     fact_sample,
     fairytale_samples,
+    friends_samples,
     needle_sample,
     shared_data,
     squad_samples,
@@ -43,7 +46,7 @@ from d2l_memory.training.recital import recital_sample
 from d2l_memory.training.teacher import build_shard
 
 DEFAULT_MIX = {"conversation": 0.3, "hybrid": 0.04, "note": 0.08, "tool": 0.08, "needles": 0.1, "facts": 0.06,
-               "needle": 0.04, "squad": 0.11, "fairytale": 0.04, "recital": 0.15}
+               "needle": 0.04, "squad": 0.11, "fairytale": 0.04, "friends": 0.05, "recital": 0.15}
 GENERATED = {"conversation", "note", "tool", "needles"}  # the eval split measures adapters alone: no hybrid
 
 
@@ -58,6 +61,10 @@ def build_mix(n: int, seed: int, mix: dict[str, float], needle_chars: tuple[int,
                           if len(s.answer) <= max_answer_chars]
     if mix.get("fairytale"):
         pools["fairytale"] = list(fairytale_samples(shared_data() / FAIRYTALE_TRAIN_FILE, max_context_chars))
+    if mix.get("friends"):
+        count = count_tokens or (lambda text: len(text) // 4)
+        pools["friends"] = [s for s in friends_samples(shared_data() / FRIENDS_TRAIN_FILE, count)
+                            if len(s.answer) <= max_answer_chars]
     filler = essays() if mix.get("needle") or mix.get("needles") else []
     names, weights = zip(*[(k, v) for k, v in mix.items() if v > 0], strict=True)
     out: list[Sample] = []
