@@ -543,7 +543,7 @@ def eval_(
     n: Annotated[int, typer.Option(min=1, help="questions per task (and per needle length)")] = 40,
     tasks: Annotated[list[str] | None, typer.Option(
         "--tasks", help="tasks to run, repeatable or comma-separated: facts, needle, squad, fairytale, "
-                   "interference, composed, conversations")] = None,
+                   "friends, interference, composed, conversations")] = None,
     needle_length: Annotated[list[int] | None, typer.Option(help="needle document length in tokens, "
                                                                  "repeatable (default 512, 2048, 8192)")] = None,
     cd_steps: Annotated[int, typer.Option(min=0, help="also run per-document context distillation (gradient "

@@ -82,6 +82,7 @@ def test_mix_never_reads_benchmarks():
     held_out = {s.context for path, read in QA_SETS.values() for s in read(shared_data() / path)}
     pools = [s.context for path in TRAIN_FILES for s in squad_samples(shared_data() / path)]
     pools += [s.context for s in fairytale_samples(shared_data() / FAIRYTALE_TRAIN_FILE)]
+    pools += [s.context for s in friends_samples(shared_data() / FRIENDS_TRAIN_FILE)]
     assert held_out and pools and not held_out & set(pools)
     assert sources <= {"facts", "needle", "fairytale", "squad:new_wiki_v1.0", "squad:reddit_v1.0",
                        "squad:amazon_reviews_v1.0", "squad:saipriya_train-v1.1_sample"}

@@ -179,12 +179,14 @@ def detokenize(text: str) -> str:
     return re.sub(r"([(\[]) ", r"\1", text).strip()
 
 
-def friends_samples(path: Path, count_tokens: Callable[[str], int], segment_tokens: int = 256,
+def friends_samples(path: Path, count_tokens: Callable[[str], int] | None = None, segment_tokens: int = 256,
                     max_distractors: int = 2) -> Iterator[Sample]:
     """FriendsQA: each scene's utterances as `absorb_messages` writes them (`Speaker: text` lines, cut at
-    turn boundaries into `segment_tokens` memories) with its own questions (first gold answer). The
-    context is the memory holding the answer's utterance; the student's adapter composes it with up to
-    `max_distractors` other memories of the same scene, drawn with a per-scene seed (reproducible)."""
+    turn boundaries into `segment_tokens` memories; `count_tokens` the base model's tokenizer, by default
+    four characters a token) with its own questions (first gold answer). The context is the memory
+    holding the answer's utterance; the student's adapter composes it with up to `max_distractors` other
+    memories of the same scene, drawn with a per-scene seed (reproducible)."""
+    count_tokens = count_tokens or (lambda text: len(text) // 4)
     for scene in json.loads(path.read_text())["data"]:
         for para in scene["paragraphs"]:
             utterances = para["utterances:"]

@@ -7,8 +7,10 @@ Systems, each answering the same held-out questions greedily with the same base 
 - `cd`: per-document context distillation (`training/cd.py`: a gradient-trained LoRA of the same rank and
   targets, timed), when `cd_steps > 0`.
 Tasks: `facts` (the first generation's template facts with another seed: in-template), `needle` (a code
-in essay filler at each length, exact match), `squad` (SQuAD v1.1 dev sample) and `fairytale`
-(FairytaleQA test, explicit questions), both token F1 and reported normalised by ICL as the paper does,
+in essay filler at each length, exact match), `squad` (SQuAD v1.1 dev sample), `fairytale`
+(FairytaleQA test, explicit questions) and `friends` (FriendsQA test: a scene's memory holding the
+answer, named speakers asked about in the third person), token F1, reported normalised by ICL as the
+paper does,
 `interference` (general questions with an unrelated document's adapter, accuracy vs the base model; and
 the token F1 between the answers with and without such an adapter on 120 held-out questions),
 `composed` (k = 1, 2, 4 notes about one person composed as `D2LMemory.prepare` composes them, asked
@@ -46,6 +48,7 @@ from d2l_memory.training.data import (
     essays,
     fact_sample,
     fairytale_samples,
+    friends_samples,
     needle_sample,
     shared_data,
     squad_samples,
@@ -55,7 +58,8 @@ from d2l_memory.training.teacher import greedy, prompt_ids
 EVAL_SEED = 10_007  # disjoint from every training seed
 # Held-out QA sets (never read by training): task -> (file under shared/data, reader)
 QA_SETS = {"squad": ("squad/saipriya_dev-v1.1_sample.json", squad_samples),
-           "fairytale": ("fairytaleqa/fairytaleqa_test.jsonl", fairytale_samples)}
+           "fairytale": ("fairytaleqa/fairytaleqa_test.jsonl", fairytale_samples),
+           "friends": ("friendsqa/friendsqa_tst.json", friends_samples)}
 AGREEMENT_QUESTIONS = 120  # interference's held-out questions without gold, drawn from `held_out_questions`
 Items = dict[str, list[float]]  # "task.system" -> one score per question, in the draw's order
 
@@ -68,9 +72,14 @@ def tally(items: Items | None, key: str, scores: list[float]) -> float:
     return sum(scores) / len(scores)
 
 
+INTERFERENCE_SETS = ("squad", "fairytale")  # fixed: a new QA set must not change interference's draw
+
+
 def held_out_questions() -> list[str]:
-    """Every question of the held-out QA sets, once, sorted (interference asks them without their passage)."""
-    return sorted({s.question.strip() for path, read in QA_SETS.values() for s in read(shared_data() / path)})
+    """Every question of the SQuAD and FairytaleQA held-out sets, once, sorted (interference asks them
+    without their passage; general questions, where FriendsQA's are about a scene's characters)."""
+    return sorted({s.question.strip() for name in INTERFERENCE_SETS
+                   for s in QA_SETS[name][1](shared_data() / QA_SETS[name][0])})
 
 
 @torch.no_grad()
@@ -187,7 +196,7 @@ def conversation_eval(checkpoint: Path | None, n: int, seed: int = EVAL_SEED,
 
 
 def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 2048, 8192),
-             tasks: Sequence[str] = ("facts", "needle", "squad", "fairytale", "interference", "composed",
+             tasks: Sequence[str] = ("facts", "needle", "squad", "fairytale", "friends", "interference", "composed",
                                      "conversations"),
              cd_steps: int = 0, checkpoint: Path | None = None, items: Items | None = None) -> dict[str, dict]:
     """All tasks with `n` questions each (per needle length, per conversation group); returns
