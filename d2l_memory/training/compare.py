@@ -103,9 +103,8 @@ def record_items(report: dict[str, Any]) -> tuple[Items, list[str]]:
         group = ".adversarial" if r.get("category") == 5 else ""
         for suffix, field in fields[name]:
             items.setdefault(f"{name}.{r['system']}{group}{suffix}", []).append(float(r[field]))
-        question = f"{r.get('conversation', '')}|{r.get('question_id') or r.get('question')}"
         if r["system"] == records[0]["system"]:
-            questions.append(question)
+            questions.append(f"{r.get('conversation', '')}|{r.get('question_id') or r.get('question')}")
     return items, questions
 
 

@@ -202,13 +202,13 @@ def friends_samples(path: Path, count_tokens: Callable[[str], int] | None = None
                 if not answer or not 0 <= uid < len(utterances):
                     continue
                 line = detokenize(utterances[uid]["utterance"])
-                holding = [m for m in memories if line in m and answer in m]
-                if not holding:
+                holding = next((m for m in memories if line in m and answer in m), None)
+                if holding is None:
                     continue
-                others = [m for m in memories if m is not holding[0]]
-                composed = [holding[0], *rng.sample(others, min(len(others), rng.randint(0, max_distractors)))]
+                others = [m for m in memories if m is not holding]
+                composed = [holding, *rng.sample(others, min(len(others), rng.randint(0, max_distractors)))]
                 rng.shuffle(composed)
-                yield Sample(context=holding[0], question=detokenize(qa["question"]), answer=answer,
+                yield Sample(context=holding, question=detokenize(qa["question"]), answer=answer,
                              source=f"friends:{scene['title']}", memories=composed)
 
 

@@ -120,12 +120,12 @@ def response_loss(batch: StudentBatch, logprobs: torch.Tensor, use_gold_ce: bool
     the teacher: the response is the reference sentence, and where its wording leaves the teacher's ("is
     now", "is a") the teacher's top-k at the value's first token is mostly frame words (docs/training.md,
     "The teacher at the told value")."""
+    gold = -logprobs.gather(-1, batch.targets[:, None]).squeeze(-1)
     if use_gold_ce:
-        token_loss = -logprobs.gather(-1, batch.targets[:, None]).squeeze(-1)
+        token_loss = gold
     else:
         token_loss = -(batch.topk_logprobs.exp() * logprobs.gather(-1, batch.topk_ids)).sum(-1)
         if value_ce:
-            gold = -logprobs.gather(-1, batch.targets[:, None]).squeeze(-1)
             token_loss = torch.where(batch.values, gold, token_loss)
     n = int(batch.example.max()) + 1
     totals = torch.zeros(n).index_add(0, batch.example, token_loss * batch.weights)

@@ -62,8 +62,7 @@ def build_mix(n: int, seed: int, mix: dict[str, float], needle_chars: tuple[int,
     if mix.get("fairytale"):
         pools["fairytale"] = list(fairytale_samples(shared_data() / FAIRYTALE_TRAIN_FILE, max_context_chars))
     if mix.get("friends"):
-        count = count_tokens or (lambda text: len(text) // 4)
-        pools["friends"] = [s for s in friends_samples(shared_data() / FRIENDS_TRAIN_FILE, count)
+        pools["friends"] = [s for s in friends_samples(shared_data() / FRIENDS_TRAIN_FILE, count_tokens)
                             if len(s.answer) <= max_answer_chars]
     filler = essays() if mix.get("needle") or mix.get("needles") else []
     names, weights = zip(*[(k, v) for k, v in mix.items() if v > 0], strict=True)
