@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import posixpath
 import re
@@ -41,7 +42,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -51,6 +52,10 @@ from d2l_memory.lora import CONFIG_FILE, WEIGHTS_FILE, LoRA
 
 log = logging.getLogger(__name__)
 
+Weighting = Literal["sum", "mean", "relevance"]  # how recalled memories' adapters are weighted: `member_weight`
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
+DEFAULT_WEIGHTING: Weighting = "mean"
+RELEVANCE_TEMPERATURE = 0.1  # `relevance_weights`' default, over MiniLM cosines
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DEFAULT_RANK_BUDGET = 64
 DEFAULT_MAX_BYTES = 2 << 30
@@ -101,6 +106,27 @@ def member_weight(composition: str, n_members: int) -> float:
     if composition == "mean":
         return 1.0 / n_members
     raise ValueError(f"unknown composition {composition!r}; expected 'sum' or 'mean'")
+
+
+def relevance_weights(scores: Sequence[float], temperature: float) -> list[float]:
+    """The weights of recalled memories by their similarity to the query: `w_i = softmax(scores / temperature)_i`,
+    rounded to two decimals, so that the weights sum to about 1 (k memories move the model about as far as one,
+    as with `mean`) while the best-matching memory keeps most of that move.
+
+    Rounding lets queries that score the same memories alike share one cached composition; a member whose weight
+    rounds to 0 is given 0 and should be left out (`compose` keeps it at no effect but its rank).
+
+    Raises:
+        ValueError: no scores, or a temperature that is not positive.
+    """
+    if not scores:
+        raise ValueError("a composition needs at least one member, got 0")
+    if not temperature > 0:
+        raise ValueError(f"the relevance temperature must be positive, got {temperature}")
+    logits = [s / temperature for s in scores]
+    top = max(logits)
+    exp = [math.exp(x - top) for x in logits]
+    return [round(e / sum(exp), 2) for e in exp]
 
 
 @dataclass(frozen=True)

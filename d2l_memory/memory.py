@@ -18,13 +18,23 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from d2l_memory.chunking import plain_ids, validate_text
-from d2l_memory.compose import Composed, ComposedCache, Recipe, cache_root_for, member_weight
+from d2l_memory.compose import (
+    DEFAULT_WEIGHTING,
+    RELEVANCE_TEMPERATURE,
+    Composed,
+    ComposedCache,
+    Recipe,
+    Weighting,
+    cache_root_for,
+    member_weight,
+    relevance_weights,
+)
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.engines import Adapter, Engine, EngineKind, GenerationParams, Message, make_engine
 from d2l_memory.engines.base import render_chat
@@ -69,10 +79,14 @@ class MemoryConfig(BaseModel):
                        "is read and composed)")
     rank_budget: int = Field(64, ge=1, le=512, description="largest rank of a composed adapter (vLLM's "
                              "max_lora_rank must hold it)")
-    composition: Literal["sum", "mean"] = Field(
-        "mean", description="how recalled memories' adapters combine: `mean` (weight 1/k each: k memories move "
-        "the model as far as one; the better of the two on conversations in docs/benchmarks.md) or `sum` "
-        "(weight 1 each, the paper's concatenation)")
+    composition: Weighting = Field(
+        DEFAULT_WEIGHTING, description="how recalled memories' adapters combine: `mean` (weight 1/k each: k "
+        "memories move the model as far as one), `relevance` (weights summing to 1 as with `mean`, shared by "
+        "the recall scores: `compose.relevance_weights`) or `sum` (weight 1 each, the paper's concatenation); "
+        "measured side by side in docs/benchmarks.md")
+    relevance_temperature: float = Field(
+        RELEVANCE_TEMPERATURE, gt=0.0, description="softmax temperature over recall scores (MiniLM cosines) "
+        "for `composition='relevance'`: lower gives the best match more")
     segment_tokens: int = Field(256, ge=16, description="token budget of one chat memory (absorb_messages)")
     max_segments: int = Field(64, ge=1, description="absorb_messages refuses conversations of more segments "
                               "(their adapters are held in memory until the one commit: ~2 MB each)")
@@ -406,8 +420,7 @@ class D2LMemory:
             hits = [] if mode == "none" else self.relevant(message, user_id, k, **scope)
             adapter = None
             if mode in ("adapter", "hybrid") and hits:
-                weight = member_weight(self.config.composition, len(hits))
-                recipe = Recipe(members=tuple((h.id, weight) for h in hits), base_model=self.d2l.base.model_id,
+                recipe = Recipe(members=self._weighted(hits), base_model=self.d2l.base.model_id,
                                 hypernet=self.d2l.checksum, rank_budget=self.config.rank_budget)
                 try:
                     adapter = self.cache.get_or_compose(recipe, self.store)
@@ -423,6 +436,13 @@ class D2LMemory:
         if snippets:
             content = QA_TEMPLATE.format(context=self._fit("\n\n".join(snippets)), question=message)
         return [*map(dict, history), {"role": "user", "content": content}], adapter
+
+    def _weighted(self, hits: Sequence[MemoryRecord]) -> tuple[tuple[str, float], ...]:
+        if self.config.composition == "relevance":
+            weights = relevance_weights([h.score or 0.0 for h in hits], self.config.relevance_temperature)
+            return tuple((h.id, w) for h, w in zip(hits, weights, strict=True) if w > 0)
+        weight = member_weight(self.config.composition, len(hits))
+        return tuple((h.id, weight) for h in hits)
 
     def _publish(self, recipe: Recipe) -> None:
         # Recorded in the store so that a server replica with a cache of its own (no shared folder) builds

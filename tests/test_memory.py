@@ -12,6 +12,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 
 from d2l_memory import D2LMemory, D2LMemoryError, MemoryRecord
+from d2l_memory.compose import relevance_weights
 from d2l_memory.engines import GenerationParams
 from d2l_memory.transcripts import render_tool_output
 
@@ -137,19 +138,26 @@ def test_async_twins(mem):
     assert record.user_id == "erin" and "ramen" in answer.lower()
 
 
-def test_mean_composition_weights_each_memory_by_one_over_k(mem):
+def test_compositions_weight_memories_by_one_over_k_one_or_relevance(mem):
     for text in ("Gus plays the oboe.", "Gus plays the oboe every Sunday."):
         mem.absorb(text, user_id="gus")
-    _, mean = mem.prepare("Does Gus play the oboe?", "gus", mode="adapter")  # the default
+    question = "Does Gus play the oboe?"
+    _, mean = mem.prepare(question, "gus", mode="adapter")  # the default
     default = mem.config
     try:
         mem.config = default.model_copy(update={"composition": "sum"})
-        _, summed = mem.prepare("Does Gus play the oboe?", "gus", mode="adapter")
+        _, summed = mem.prepare(question, "gus", mode="adapter")
+        mem.config = default.model_copy(update={"composition": "relevance"})
+        _, relevance = mem.prepare(question, "gus", mode="adapter")
+        hits = mem.relevant(question, "gus")
     finally:
         mem.config = default
     mem.forget(user_id="gus")
     assert [w for _, w in mean.recipe.members] == [0.5, 0.5]
     assert [w for _, w in summed.recipe.members] == [1.0, 1.0] and summed.name != mean.name
+    by_score = dict(zip([h.id for h in hits], relevance_weights([h.score for h in hits], 0.1), strict=True))
+    assert dict(relevance.recipe.members) == by_score and len(by_score) == 2
+    assert max(by_score, key=by_score.get) == hits[0].id and abs(sum(by_score.values()) - 1) <= 0.01
 
 
 def test_forget_is_exact(mem):

@@ -441,6 +441,19 @@ def test_conversation_eval_scores_every_mode_through_the_public_api():
     assert items == {f"conversations.{k}": [v] for k, v in report.items()}  # one user: one score per rate
 
 
+def test_composed_eval_weighs_by_relevance_and_one_memory_is_weighted_alike():
+    from d2l_memory.training.evaluate import composed_eval
+
+    d2l = DocToLoRA.from_pretrained(None)
+    runs = {c: {} for c in ("mean", "relevance")}
+    reports = {c: composed_eval(d2l, 2, ks=(1, 2), composition=c, items=runs[c]) for c in runs}
+    assert set(reports["mean"]) == set(reports["relevance"]) == {"adapter_k1", "icl_k1", "adapter_k2", "icl_k2", "none"}
+    for key in ("composed.adapter_k1", "composed.icl_k2", "composed.none"):  # only the weights of k > 1 differ
+        assert runs["mean"][key] == runs["relevance"][key]
+    with pytest.raises(ValueError, match="unknown composition"):
+        composed_eval(d2l, 1, ks=(2,), composition="max")
+
+
 def test_compare_pairs_the_same_questions_and_refuses_other_draws(tmp_path):
     from d2l_memory.training.compare import compare, load_items
 

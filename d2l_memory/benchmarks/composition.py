@@ -1,12 +1,13 @@
-"""Composition: recall when several memories' adapters are composed, summed or averaged.
+"""Composition: recall when several memories' adapters are composed: summed, averaged or relevance-weighted.
 
     python -m d2l_memory.benchmarks.composition [--quick] [--rank-budget R] [--out result.json] [--plot PNG]
 
 Each user absorbs `memories` synthetic fact documents about different people (the meta-training
 generator, `training.data.fact_sample`, with a seed no training or evaluation run uses) and is asked
 about the first. `D2LMemory.chat(mode="adapter")` answers with the recalled memories that pass the
-relevance gate composed as their `sum` (weight 1 each) and as their `mean` (weight 1/k each,
-`MemoryConfig.composition`), side by side in one run; the references are the same question for a user
+relevance gate composed as their `sum` (weight 1 each), their `mean` (weight 1/k each) and weighted by
+their recall scores (`relevance`: `compose.relevance_weights`), the three `MemoryConfig.composition`s side
+by side in one run; the references are the same question for a user
 holding only that one document (`alone`: no composition) and the base model (`none`). Accuracy: the
 normalised gold answer appears in the answer. `--rank-budget` sets `MemoryConfig.rank_budget`: recalled
 memories whose ranks sum above it are SVD-truncated to it (`compose.compose`).
@@ -22,11 +23,12 @@ import torch
 from pydantic import BaseModel
 
 from d2l_memory.benchmarks.common import bench_args, environment, memory_in_tempdir, pyplot, report, save_figure, table
+from d2l_memory.compose import WEIGHTINGS
 from d2l_memory.scoring import normalize
 from d2l_memory.training.data import fact_sample
 
 SEED = 31_337  # neither a training seed nor the evaluation's
-SYSTEMS = ("sum", "mean", "alone", "none")
+SYSTEMS = (*WEIGHTINGS, "alone", "none")
 
 
 class Size(BaseModel):
@@ -58,7 +60,7 @@ def run(size: Size, rank_budget: int | None = None) -> dict[str, Any]:
             question, gold = docs[0].question, normalize(docs[0].answer)
             composed.append(len(mem.relevant(question, f"user-{u}")))
             for system in SYSTEMS:
-                mem.config = default.model_copy(update={"composition": "mean" if system == "mean" else "sum"})
+                mem.config = default.model_copy(update={"composition": system}) if system in WEIGHTINGS else default
                 user = f"alone-{u}" if system == "alone" else f"user-{u}"
                 answer = mem.chat(question, user, "none" if system == "none" else "adapter", size.max_new_tokens)
                 correct[system] += gold in normalize(answer)
@@ -82,7 +84,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     """Accuracy per system."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    ax.bar(SYSTEMS, [result["accuracy"][s] for s in SYSTEMS], color=["#999999", "#2a6fdb", "#7fa7e8", "#cccccc"])
+    colors = ["#999999", "#2a6fdb", "#1b4a9a", "#7fa7e8", "#cccccc"]
+    ax.bar(SYSTEMS, [result["accuracy"][s] for s in SYSTEMS], color=colors)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy (adapter mode)")
     ax.set_title(f"{result['size']['memories']} fact memories per user, "

@@ -35,8 +35,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from d2l_memory.compose import member_weight
+from d2l_memory.compose import DEFAULT_WEIGHTING, RELEVANCE_TEMPERATURE, WEIGHTINGS, member_weight, relevance_weights
 from d2l_memory.d2l import DocToLoRA
+from d2l_memory.embedder import Embedder
 from d2l_memory.functional import lora_applied
 from d2l_memory.lora import LoRA
 from d2l_memory.scoring import contains, echoes, token_f1
@@ -125,10 +126,12 @@ def evaluate_samples(d2l: DocToLoRA, samples: Sequence[Sample], metric: str, sys
     return results
 
 
-def composed_eval(d2l: DocToLoRA, n: int, ks: Sequence[int] = (1, 2, 4), composition: str = "mean",
+def composed_eval(d2l: DocToLoRA, n: int, ks: Sequence[int] = (1, 2, 4), composition: str = DEFAULT_WEIGHTING,
                   seed: int = EVAL_SEED, items: Items | None = None) -> dict[str, float]:
     """Accuracy on a fact of one person's first note when it is composed with k-1 other notes about the same
-    person (held-out phrasings and values), each note its own memory weighted by `member_weight`."""
+    person (held-out phrasings and values), each note its own memory weighted by `member_weight`, or for
+    `relevance` by `relevance_weights` of the MiniLM cosine between the question and each whole note (the
+    product scores a memory by its best-matching part, `D2LMemory.recall`)."""
     rng = random.Random(seed)
     results: dict[str, float] = {}
     people = []
@@ -140,8 +143,17 @@ def composed_eval(d2l: DocToLoRA, n: int, ks: Sequence[int] = (1, 2, 4), composi
         question = rng.choice(conversations.phrasings(fact.attribute.ask_about, "eval")).format(n=person)
         people.append((notes, question, fact.value))
     adapters = [d2l.internalize_batch(notes) for notes, _, _ in people]
+    embedder = Embedder()
+    vectors = [embedder.embed([question, *notes[: max(ks)]]) for notes, question, _ in people]
+    cosines = [[float(v @ vs[0]) for v in vs[1:]] for vs in vectors]
+
+    def weights(i: int, k: int) -> list[float]:
+        if composition == "relevance":
+            return relevance_weights(cosines[i][:k], RELEVANCE_TEMPERATURE)
+        return [member_weight(composition, k)] * k
+
     for k in ks:
-        rows = [LoRA.concat(loras[:k], [member_weight(composition, k)] * k) for loras in adapters]
+        rows = [LoRA.concat(loras[:k], weights(i, k)) for i, loras in enumerate(adapters)]
         questions = [q for _, q, _ in people]
         answers = answer(d2l, questions, [None] * n, rows)
         icl = answer(d2l, questions, [" ".join(notes[:k]) for notes, _, _ in people], [None] * n)
@@ -159,13 +171,14 @@ MODES = ("adapter", "hybrid", "context", "none")
 
 
 def conversation_eval(checkpoint: Path | None, n: int, seed: int = EVAL_SEED,
-                      groups: Sequence[str] = tuple(CONVERSATION_GROUPS), items: Items | None = None
-                      ) -> dict[str, float]:
+                      groups: Sequence[str] = tuple(CONVERSATION_GROUPS), items: Items | None = None,
+                      composition: str | None = None) -> dict[str, float]:
     """Synthetic users absorbed through `D2LMemory.absorb_messages` (session by session, each with the
     dialogue's roles and segment budget) and asked in a fresh conversation, in every mode.
 
     In-template users use trained phrasings but values drawn from the evaluation's half of each pool, so
-    no group can be answered by recalling a training value. Returns `{group_mode: accuracy}` plus
+    no group can be answered by recalling a training value. `composition` None keeps `MemoryConfig`'s.
+    Returns `{group_mode: accuracy}` plus
     `updates_<mode>` over the users whose question asks for a value they changed, and `echo_<mode>`: the
     share of all replies that say eight or more words of a told session back (`scoring.echoes`) instead of
     answering in their own words.
@@ -174,8 +187,10 @@ def conversation_eval(checkpoint: Path | None, n: int, seed: int = EVAL_SEED,
 
     rng = random.Random(seed)
     hits: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory() as store, D2LMemory(store, hypernet=None if checkpoint is None else
-                                                          str(checkpoint)) as mem:
+    config = {"hypernet": None if checkpoint is None else str(checkpoint)}
+    if composition is not None:
+        config["composition"] = composition
+    with tempfile.TemporaryDirectory() as store, D2LMemory(store, **config) as mem:
         jobs = [(group, i) for group in groups for i in range(n)]
         for group, i in tqdm(jobs, desc="conversations", unit="user", leave=False):
             split, new_attributes = CONVERSATION_GROUPS[group]
@@ -198,11 +213,13 @@ def conversation_eval(checkpoint: Path | None, n: int, seed: int = EVAL_SEED,
 def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 2048, 8192),
              tasks: Sequence[str] = ("facts", "needle", "squad", "fairytale", "friends", "interference", "composed",
                                      "conversations"),
-             cd_steps: int = 0, checkpoint: Path | None = None, items: Items | None = None) -> dict[str, dict]:
+             cd_steps: int = 0, checkpoint: Path | None = None, items: Items | None = None,
+             composition: str | None = None) -> dict[str, dict]:
     """All tasks with `n` questions each (per needle length, per conversation group); returns
     `{task: {system: score}}`, and fills `items` (when given) with every score's per-question list.
     `checkpoint` is the directory `d2l` was loaded from (None: the shipped one), which the conversation
-    task opens through `D2LMemory`.
+    task opens through `D2LMemory`. `composition` (None: `MemoryConfig`'s default) weighs the composed and
+    conversation tasks' memories.
 
     With `cd_steps > 0` the per-document context-distillation baseline (`cd`) runs beside the others on
     the facts and QA tasks (its cost grows with document length; the needle sweep leaves it out).
@@ -254,9 +271,9 @@ def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 
                                   "adapter_over_none": ours / base_acc if base_acc else 0.0,
                                   "agreement_with_base": agreement, "agreement_questions": len(asked)}
     if "composed" in tasks:
-        report["composed"] = composed_eval(d2l, n, items=items)
+        report["composed"] = composed_eval(d2l, n, composition=composition or DEFAULT_WEIGHTING, items=items)
     if "conversations" in tasks:
-        report["conversations"] = conversation_eval(checkpoint, n, items=items)
+        report["conversations"] = conversation_eval(checkpoint, n, items=items, composition=composition)
     return report
 
 
@@ -274,11 +291,14 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=list(defaults["tasks"].default))
     parser.add_argument("--needle-lengths", nargs="*", type=int, default=list(defaults["needle_lengths"].default))
     parser.add_argument("--cd-steps", type=int, default=0, help="also run the context-distillation baseline")
+    parser.add_argument("--composition", choices=WEIGHTINGS, default=None,
+                        help="how composed memories are weighted (default: MemoryConfig's)")
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     args = parser.parse_args()
     d2l = DocToLoRA.from_pretrained(args.checkpoint)
     items: Items = {}
-    report = run_eval(d2l, args.n, args.needle_lengths, args.tasks, args.cd_steps, args.checkpoint, items)
+    report = run_eval(d2l, args.n, args.needle_lengths, args.tasks, args.cd_steps, args.checkpoint, items,
+                      args.composition)
     print(json.dumps(report, indent=1))
     if args.out:
         write_report(args.out, report, items)
