@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 Weighting = Literal["sum", "mean", "relevance"]  # how recalled memories' adapters are weighted: `member_weight`
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
-DEFAULT_WEIGHTING: Weighting = "mean"
+DEFAULT_WEIGHTING: Weighting = "relevance"
 RELEVANCE_TEMPERATURE = 0.1  # `relevance_weights`' default, over MiniLM cosines
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DEFAULT_RANK_BUDGET = 64

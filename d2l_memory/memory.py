@@ -80,10 +80,10 @@ class MemoryConfig(BaseModel):
     rank_budget: int = Field(64, ge=1, le=512, description="largest rank of a composed adapter (vLLM's "
                              "max_lora_rank must hold it)")
     composition: Weighting = Field(
-        DEFAULT_WEIGHTING, description="how recalled memories' adapters combine: `mean` (weight 1/k each: k "
-        "memories move the model as far as one), `relevance` (weights summing to 1 as with `mean`, shared by "
-        "the recall scores: `compose.relevance_weights`) or `sum` (weight 1 each, the paper's concatenation); "
-        "measured side by side in docs/benchmarks.md")
+        DEFAULT_WEIGHTING, description="how recalled memories' adapters combine: `relevance` (weights summing to "
+        "1, shared by the recall scores: `compose.relevance_weights`), `mean` (weight 1/k each: k memories move "
+        "the model as far as one) or `sum` (weight 1 each, the paper's concatenation); measured side by side "
+        "in docs/benchmarks.md")
     relevance_temperature: float = Field(
         RELEVANCE_TEMPERATURE, gt=0.0, description="softmax temperature over recall scores (MiniLM cosines) "
         "for `composition='relevance'`: lower gives the best match more")

@@ -117,7 +117,7 @@ def test_a_missing_candidate_checkpoint_is_named(tmp_path):
 def test_longmemeval_quick_values(tmp_path, monkeypatch):
     candidate = shutil.copytree(shipped_checkpoint("smollm2-135m-instruct"), tmp_path / "candidate")
     result = _run_main(longmemeval, tmp_path, monkeypatch, "--composition", "sum", "--hypernet", str(candidate))
-    assert result["composition"] == "sum"  # the default is mean: the option reached the memory
+    assert result["composition"] == "sum"  # the default is relevance: the option reached the memory
     assert result["hypernet"] == str(candidate)
     summary = result["summary"]
     assert set(summary) == _systems()

@@ -138,26 +138,27 @@ def test_async_twins(mem):
     assert record.user_id == "erin" and "ramen" in answer.lower()
 
 
-def test_compositions_weight_memories_by_one_over_k_one_or_relevance(mem):
+def test_compositions_weight_memories_by_relevance_one_over_k_or_one(mem):
     for text in ("Gus plays the oboe.", "Gus plays the oboe every Sunday."):
         mem.absorb(text, user_id="gus")
     question = "Does Gus play the oboe?"
-    _, mean = mem.prepare(question, "gus", mode="adapter")  # the default
     default = mem.config
+    assert default.composition == "relevance"
+    composed = {}
     try:
-        mem.config = default.model_copy(update={"composition": "sum"})
-        _, summed = mem.prepare(question, "gus", mode="adapter")
-        mem.config = default.model_copy(update={"composition": "relevance"})
-        _, relevance = mem.prepare(question, "gus", mode="adapter")
+        for composition in ("relevance", "mean", "sum"):
+            mem.config = default.model_copy(update={"composition": composition})
+            composed[composition] = mem.prepare(question, "gus", mode="adapter")[1]
         hits = mem.relevant(question, "gus")
     finally:
         mem.config = default
     mem.forget(user_id="gus")
-    assert [w for _, w in mean.recipe.members] == [0.5, 0.5]
-    assert [w for _, w in summed.recipe.members] == [1.0, 1.0] and summed.name != mean.name
+    assert [w for _, w in composed["mean"].recipe.members] == [0.5, 0.5]
+    assert [w for _, w in composed["sum"].recipe.members] == [1.0, 1.0]
     by_score = dict(zip([h.id for h in hits], relevance_weights([h.score for h in hits], 0.1), strict=True))
-    assert dict(relevance.recipe.members) == by_score and len(by_score) == 2
+    assert dict(composed["relevance"].recipe.members) == by_score and len(by_score) == 2
     assert max(by_score, key=by_score.get) == hits[0].id and abs(sum(by_score.values()) - 1) <= 0.01
+    assert len({c.name for c in composed.values()}) == 3  # each weighting is its own cached adapter
 
 
 def test_forget_is_exact(mem):

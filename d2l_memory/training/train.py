@@ -91,8 +91,9 @@ class TrainConfig(BaseModel):
     stage2_step: int = 2000
     max_chunks: int = 8
     min_chunk_tokens: int = Field(25, description="stage 2 cuts no context into chunks shorter than this")
-    composition: Literal["sum", "mean"] = Field("mean", description="how an example's memories combine; "
-                                                "train what `MemoryConfig.composition` serves")
+    composition: Literal["sum", "mean"] = Field("mean", description="how an example's memories combine: "
+                                                "`mean`, the harder case of what `MemoryConfig`'s `relevance` "
+                                                "serves (training examples carry no recall scores)")
     gold_ce: bool = False
     value_ce: bool = Field(False, description="score the response tokens that spell the told value by "
                            "cross-entropy on the reference instead of the teacher's top-k (the held-out "
