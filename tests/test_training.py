@@ -479,15 +479,16 @@ def test_compare_pairs_the_same_questions_and_refuses_other_draws(tmp_path):
 def test_compare_pairs_benchmark_records_and_refuses_other_questions(tmp_path):
     from d2l_memory.training.compare import load_items
 
-    def run(name: str, scores: list[float], questions: list[str]) -> Path:
+    def run(name: str, scores: list[float], questions: list[str], composition: str = "relevance") -> Path:
         records = [{"conversation": "conv-26", "category": 5 if q.startswith("adv") else 1, "question": q,
                     "system": system, "score": s} for system in ("adapter", "rag")
                    for q, s in zip(questions, scores, strict=True)]
         path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps({"benchmark": "locomo", "records": records}))
+        path.write_text(json.dumps({"benchmark": "locomo", "composition": composition, "records": records}))
         return path
 
-    base, base_q = load_items(run("base", [0.5, 0.0, 1.0], ["q1", "q2", "adv1"]))
+    base, base_q, weighting = load_items(run("base", [0.5, 0.0, 1.0], ["q1", "q2", "adv1"]))
+    assert weighting == "relevance"
     assert base == {"locomo.adapter": [0.5, 0.0], "locomo.rag": [0.5, 0.0],
                     "locomo.adapter.adversarial": [1.0], "locomo.rag.adversarial": [1.0]}
     assert base_q == ["conv-26|q1", "conv-26|q2", "conv-26|adv1"]  # each question once, not once per system
@@ -495,6 +496,10 @@ def test_compare_pairs_benchmark_records_and_refuses_other_questions(tmp_path):
     done = subprocess.run([sys.executable, "-m", "d2l_memory.training.compare", str(tmp_path / "base.json"),
                            str(other)], capture_output=True, text=True)
     assert done.returncode == 2 and "different questions" in done.stderr
+    mean = run("mean", [0.5, 0.0, 1.0], ["q1", "q2", "adv1"], composition="mean")
+    done = subprocess.run([sys.executable, "-m", "d2l_memory.training.compare", str(tmp_path / "base.json"),
+                           str(mean)], capture_output=True, text=True)
+    assert done.returncode == 2 and "compose memories differently" in done.stderr
     (tmp_path / "needle.json").write_text(json.dumps({"benchmark": "needle", "records": []}))
     with pytest.raises(ValueError, match="no per-question pairing"):
         load_items(tmp_path / "needle.json")

@@ -108,19 +108,20 @@ def record_items(report: dict[str, Any]) -> tuple[Items, list[str]]:
     return items, questions
 
 
-def load_items(path: Path) -> tuple[Items, list[str] | None]:
+def load_items(path: Path) -> tuple[Items, list[str] | None, str | None]:
     """The per-question scores of an `evaluate --out` file or a LoCoMo/LongMemEval benchmark's `--out`
-    file, and for a benchmark the questions they answer (None for an evaluation, whose draw is fixed).
+    file, for a benchmark the questions they answer (None for an evaluation, whose draw is fixed), and the
+    composition weighting the file records (None in files written before it was recorded).
 
     Raises:
         ValueError: a file without them (written before they were recorded, or not an evaluation).
     """
     report = json.loads(path.read_text())
     if isinstance(report, dict) and "records" in report:
-        return record_items(report)
+        return *record_items(report), report.get("composition")
     if not isinstance(report, dict) or "items" not in report:
         raise ValueError(f"{path} holds no per-question scores ('items'): re-run the evaluation with --out")
-    return report["items"], None
+    return report["items"], None, report.get("composition")
 
 
 def main() -> None:
@@ -130,10 +131,13 @@ def main() -> None:
     parser.add_argument("--z", type=float, default=2.0, help="standard errors a difference must exceed")
     args = parser.parse_args()
     try:
-        (a, a_questions), (b, b_questions) = load_items(args.baseline), load_items(args.candidate)
+        (a, a_questions, a_weighting), (b, b_questions, b_weighting) = map(load_items, (args.baseline, args.candidate))
         if a_questions != b_questions:
             raise ValueError("the two files answer different questions: run the same benchmark command (same "
                              "--size and seed) on both checkpoints")
+        if None not in (a_weighting, b_weighting) and a_weighting != b_weighting:
+            raise ValueError(f"the two files compose memories differently ({a_weighting} against {b_weighting}): "
+                             "run both with the same --composition")
         rows = compare(a, b)
     except (OSError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")

@@ -277,10 +277,11 @@ def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 
     return report
 
 
-def write_report(path: Path, report: dict[str, dict], items: Items) -> None:
-    """The report as JSON, with the per-question scores under `"items"` (what `training/compare.py` reads)."""
+def write_report(path: Path, report: dict[str, dict], items: Items, composition: str = DEFAULT_WEIGHTING) -> None:
+    """The report as JSON, with the per-question scores under `"items"` and the weighting the composed and
+    conversation tasks used under `"composition"` (what `training/compare.py` reads)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**report, "items": items}, indent=1))
+    path.write_text(json.dumps({**report, "composition": composition, "items": items}, indent=1))
 
 
 def main() -> None:
@@ -301,7 +302,7 @@ def main() -> None:
                       args.composition)
     print(json.dumps(report, indent=1))
     if args.out:
-        write_report(args.out, report, items)
+        write_report(args.out, report, items, args.composition or DEFAULT_WEIGHTING)
 
 
 if __name__ == "__main__":
