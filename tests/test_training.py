@@ -419,6 +419,30 @@ def test_training_composes_memories_exactly_as_serving_does(base):
         assert torch.allclose(d2l.config.scale * (b[1].double() @ a[1].double()), alone.delta(name), atol=1e-5)
 
 
+def test_training_weighs_memories_by_relevance_exactly_as_serving_does(tmp_path):
+    # The shipped hypernetwork through both paths: a user's memories recalled and composed by
+    # `D2LMemory.prepare` (gate off, so all three are recalled) against `batch_factors` for the same texts.
+    from d2l_memory import D2LMemory
+
+    memories = ["User: I moved to Joroinen last spring.\nAssistant: How do you like it?",
+                "User: My dog is called Valero.", "User: I drive a Skoda Octavia to work."]
+    question = "Where do I live now?"
+    with D2LMemory(tmp_path / "store", relevance_threshold=-1.0, personal_relevance_threshold=-1.0) as mem:
+        for text in memories:
+            mem.absorb(text, "u", kind="chat")
+        _, served = mem.prepare(question, "u", mode="adapter")
+        d2l = mem.d2l
+        with torch.no_grad():
+            factors, _, _ = batch_factors(d2l, [memories], [1], composition="relevance", questions=[question])
+    weights = sorted(w for _, w in served.recipe.members)
+    assert len(weights) == 3 and weights[-1] > 0.5  # the memory about where the user lives leads
+    for name, (a, b) in factors.items():
+        trained = d2l.config.scale * (b[0].double() @ a[0].double())
+        assert torch.allclose(trained, served.lora.delta(name), atol=1e-4)
+    with pytest.raises(ValueError, match="give one"):
+        batch_factors(d2l, [memories], [1], composition="relevance")
+
+
 def test_overrides_reach_nested_sections_and_unknown_keys_are_refused(tmp_path):
     from d2l_memory.training.train import load_config
 

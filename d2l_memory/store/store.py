@@ -133,6 +133,14 @@ def part_vectors(embedder: Embedder | Callable[[], Embedder], texts: Sequence[st
     return out
 
 
+def relevance_scores(embedder: Embedder, query: str, texts: Sequence[str]) -> list[float]:
+    """Each text's recall score for `query` as `MemoryStore.search` scores a stored memory of that text: the
+    cosine of the query to the text's best-matching part (`part_vectors`). Meta-training weighs an
+    example's memories by it, as `D2LMemory.prepare` weighs recalled ones."""
+    vectors = embedder.embed([query, *texts])
+    return [_best_part(parts, vectors[0]) for parts in part_vectors(embedder, texts, vectors[1:])]
+
+
 def _best_part(parts: Sequence[Any], query: np.ndarray) -> float:
     """Cosine similarity of `query` (unit norm) to the nearest of a memory's unit-norm part vectors."""
     return float(np.max(np.asarray(parts, dtype=np.float32) @ query))

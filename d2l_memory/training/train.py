@@ -16,6 +16,7 @@ one) is logged with every evaluation: while it is ~0 the hypernetwork learns a p
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -28,7 +29,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -37,13 +37,15 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from d2l_memory.chunking import chunk_document
-from d2l_memory.compose import member_weight
+from d2l_memory.compose import DEFAULT_WEIGHTING, RELEVANCE_TEMPERATURE, Weighting, member_weight, relevance_weights
 from d2l_memory.d2l import DocToLoRA
+from d2l_memory.embedder import Embedder
 from d2l_memory.functional import applied
 from d2l_memory.home import sha256_file
 from d2l_memory.hypernet import HypernetConfig
 from d2l_memory.models import load_model
 from d2l_memory.scoring import contains
+from d2l_memory.store.store import relevance_scores
 from d2l_memory.training.objective import (
     key_alignment_loss,
     l1_penalty,
@@ -91,9 +93,9 @@ class TrainConfig(BaseModel):
     stage2_step: int = 2000
     max_chunks: int = 8
     min_chunk_tokens: int = Field(25, description="stage 2 cuts no context into chunks shorter than this")
-    composition: Literal["sum", "mean"] = Field("mean", description="how an example's memories combine: "
-                                                "`mean`, the harder case of what `MemoryConfig`'s `relevance` "
-                                                "serves (training examples carry no recall scores)")
+    composition: Weighting = Field(DEFAULT_WEIGHTING, description="how an example's memories combine: train "
+                                   "what `MemoryConfig.composition` serves (`relevance`: weighted by each "
+                                   "memory's recall score for the example's question)")
     gold_ce: bool = False
     value_ce: bool = Field(False, description="score the response tokens that spell the told value by "
                            "cross-entropy on the reference instead of the teacher's top-k (the held-out "
@@ -127,12 +129,35 @@ def memories_for(examples: list[dict], rng: random.Random, pool: list[dict]) -> 
     return [own(rng.choice(pool)) if ex["control"] else own(ex) for ex in examples]
 
 
+@functools.cache
+def _embedder() -> Embedder:
+    return Embedder()
+
+
+def member_weights(composition: str, texts: Sequence[str], question: str | None) -> list[float]:
+    """The weights `D2LMemory.prepare` gives memories of these texts recalled for `question`:
+    `compose.relevance_weights` of their recall scores (`store.relevance_scores`) for `relevance`, else
+    `compose.member_weight` each.
+
+    Raises:
+        ValueError: `relevance` without a question, or what `member_weight` raises.
+    """
+    if composition != "relevance":
+        return [member_weight(composition, len(texts))] * len(texts)
+    if len(texts) == 1:
+        return [1.0]
+    if question is None:
+        raise ValueError("composition 'relevance' weighs memories by their score for a question: give one")
+    return relevance_weights(relevance_scores(_embedder(), question, texts), RELEVANCE_TEMPERATURE)
+
+
 def batch_factors(d2l: DocToLoRA, rows: list[list[str]], n_chunks: list[int], min_chunk_tokens: int = 1,
-                  composition: str = "mean") -> tuple[dict, torch.Tensor, torch.Tensor]:
+                  composition: str = DEFAULT_WEIGHTING, questions: Sequence[str] | None = None
+                  ) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Per-row factors `{module: (A [B, R, d_in], B [B, d_out, R])}` for `rows`, with gradients.
 
-    Row i composes the memories `rows[i]` the way `D2LMemory.prepare` composes recalled ones (each
-    weighted by `compose.member_weight(composition, len(rows[i]))`, the bias slot once) through the
+    Row i composes the memories `rows[i]` the way `D2LMemory.prepare` composes recalled ones (weighted by
+    `member_weights(composition, rows[i], questions[i])`, the bias slot once) through the
     assembly serving uses (`DocToLoRA.assemble`). A row of one memory is cut into `n_chunks[i]` equal
     chunks (fewer where a chunk would hold less than `min_chunk_tokens` tokens), as stage 2 trains long
     documents; several memories keep the chunks `internalize` would give each.
@@ -140,10 +165,10 @@ def batch_factors(d2l: DocToLoRA, rows: list[list[str]], n_chunks: list[int], mi
     tok, c = d2l.base.tokenizer, d2l.config
     flat: list[list[int]] = []
     groups: list[list[tuple[int, float]]] = []
-    for texts, k in zip(rows, n_chunks, strict=True):
-        weight = member_weight(composition, len(texts))
+    for i, (texts, k) in enumerate(zip(rows, n_chunks, strict=True)):
+        weights = member_weights(composition, texts, None if questions is None else questions[i])
         group = []
-        for text in texts:
+        for text, weight in zip(texts, weights, strict=True):
             size = c.chunk_tokens
             if len(texts) == 1:
                 n_tokens = len(tok(text, add_special_tokens=False)["input_ids"])
@@ -311,8 +336,10 @@ def usage_gap(d2l: DocToLoRA, examples: list[dict], config: TrainConfig) -> dict
     real = [ex for ex in examples if not ex["control"]]
     batch = student_batch(d2l.base, real)
     rows = [ex.get("memories") or [ex["context"]] for ex in real]
-    own, _, _ = batch_factors(d2l, rows, [1] * len(real), composition=config.composition)
-    other, _, _ = batch_factors(d2l, rows[1:] + rows[:1], [1] * len(real), composition=config.composition)
+    questions = [ex["question"] for ex in real]
+    own, _, _ = batch_factors(d2l, rows, [1] * len(real), composition=config.composition, questions=questions)
+    other, _, _ = batch_factors(d2l, rows[1:] + rows[:1], [1] * len(real), composition=config.composition,
+                                questions=questions)
     metrics = {}
     for name, factors, scale in (("", own, d2l.config.scale), ("_shuffled", other, d2l.config.scale),
                                  ("_no_lora", {}, 1.0)):
@@ -328,7 +355,7 @@ def usage_gap(d2l: DocToLoRA, examples: list[dict], config: TrainConfig) -> dict
     asked = [ex for ex in real if ex.get("answer")][: config.recall_examples]
     if asked:
         factors, _, _ = batch_factors(d2l, [ex.get("memories") or [ex["context"]] for ex in asked], [1] * len(asked),
-                                      composition=config.composition)
+                                      composition=config.composition, questions=[ex["question"] for ex in asked])
         prompts = [prompt_ids(d2l.base, ex["question"], None) for ex in asked]
         with applied(d2l.base.model, factors, d2l.config.scale):
             replies = d2l.base.tokenizer.batch_decode(greedy(d2l.base, prompts, 24), skip_special_tokens=True)
@@ -424,7 +451,8 @@ def train(config: TrainConfig) -> None:
                 stage2 = step >= config.stage2_step
                 n_chunks = [rng.randint(1, config.max_chunks) if stage2 else 1 for _ in examples]
                 factors, a, b = batch_factors(d2l, memories_for(examples, rng, pool), n_chunks,
-                                              config.min_chunk_tokens, config.composition)
+                                              config.min_chunk_tokens, config.composition,
+                                              [ex["question"] for ex in examples])
                 batch = student_batch(base, examples, config.value_weight)
                 names = d2l.config.module_names()
                 with module_inputs(base.model, names, batch.rows[batch.values], batch.cols[batch.values]) as seen:
