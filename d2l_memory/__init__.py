@@ -32,10 +32,13 @@ _EXPORTS = {
     "KINDS": "d2l_memory.kinds",
     "Mode": "d2l_memory.kinds",
     "MODES": "d2l_memory.kinds",
+    "Weighting": "d2l_memory.kinds",
+    "WEIGHTINGS": "d2l_memory.kinds",
 }
 __all__ = [
     "KINDS",
     "MODES",
+    "WEIGHTINGS",
     "AdapterError",
     "D2LMemory",
     "D2LMemoryError",
@@ -49,6 +52,7 @@ __all__ = [
     "Mode",
     "ModelNotInstalledError",
     "OptimizeReport",
+    "Weighting",
     "render_tool_output",
     "validate_text",
 ]
@@ -58,7 +62,7 @@ if TYPE_CHECKING:
     from d2l_memory.d2l import DocToLoRA
     from d2l_memory.errors import AdapterError, D2LMemoryError, MemoryNotFoundError, ModelNotInstalledError
     from d2l_memory.hypernet import HypernetConfig
-    from d2l_memory.kinds import KINDS, MODES, Kind, Mode
+    from d2l_memory.kinds import KINDS, MODES, WEIGHTINGS, Kind, Mode, Weighting
     from d2l_memory.lora import LoRA
     from d2l_memory.memory import D2LMemory, MemoryConfig, MemoryRecord, OptimizeReport
     from d2l_memory.transcripts import render_tool_output

@@ -34,7 +34,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from d2l_memory import Kind, Mode
+from d2l_memory import Kind, Mode, Weighting
 
 if TYPE_CHECKING:
     from d2l_memory import D2LMemory, MemoryRecord
@@ -548,6 +548,8 @@ def eval_(
                                                                  "repeatable (default 512, 2048, 8192)")] = None,
     cd_steps: Annotated[int, typer.Option(min=0, help="also run per-document context distillation (gradient "
                                                       "LoRA) with this many steps, timed; 0: skip")] = 0,
+    composition: Annotated[Weighting | None, typer.Option(help="how the composed and conversation tasks weigh "
+                                                          "composed memories (default: MemoryConfig's)")] = None,
     out_path: Annotated[Path | None, typer.Option("--out", help="also write the report as JSON here, with "
                                                     "each score's per-question list (for `python -m "
                                                     "d2l_memory.training.compare`)")] = None,
@@ -569,9 +571,9 @@ def eval_(
         lengths = tuple(needle_length or defaults["needle_lengths"].default)
         with err.status(f"Evaluating {', '.join(chosen)} (n={n})…"):
             items: dict[str, list[float]] = {}
-            report = run_eval(d2l, n, lengths, chosen, cd_steps, checkpoint, items)
+            report = run_eval(d2l, n, lengths, chosen, cd_steps, checkpoint, items, composition)
     if out_path is not None:
-        write_report(out_path, report, items)
+        write_report(out_path, report, items, composition)
     if json_:
         _echo_json(report)
         return

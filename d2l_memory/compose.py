@@ -42,18 +42,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal, Protocol, get_args
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from d2l_memory.errors import MemoryNotFoundError, call_all
 from d2l_memory.home import home, sha256_file
+from d2l_memory.kinds import Weighting
 from d2l_memory.lora import CONFIG_FILE, WEIGHTS_FILE, LoRA
 
 log = logging.getLogger(__name__)
 
-Weighting = Literal["sum", "mean", "relevance"]  # how recalled memories' adapters are weighted: `member_weight`
-WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 DEFAULT_WEIGHTING: Weighting = "relevance"
 RELEVANCE_TEMPERATURE = 0.1  # `relevance_weights`' default, over MiniLM cosines
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

@@ -30,7 +30,6 @@ from d2l_memory.compose import (
     Composed,
     ComposedCache,
     Recipe,
-    Weighting,
     cache_root_for,
     member_weight,
     relevance_weights,
@@ -40,7 +39,7 @@ from d2l_memory.engines import Adapter, Engine, EngineKind, GenerationParams, Me
 from d2l_memory.engines.base import render_chat
 from d2l_memory.engines.vllm_server import evict_from_servers
 from d2l_memory.errors import D2LMemoryError, MemoryNotFoundError
-from d2l_memory.kinds import KINDS, MODES, Kind
+from d2l_memory.kinds import KINDS, MODES, Kind, Weighting
 from d2l_memory.models import DEFAULT_MODEL, load_model
 from d2l_memory.prompts import QA_TEMPLATE
 from d2l_memory.store import MemoryInput, MemoryStore, StoredMemory

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel
 
 from d2l_memory.benchmarks.common import bench_args, environment, memory_in_tempdir, pyplot, report, save_figure, table
-from d2l_memory.compose import WEIGHTINGS
+from d2l_memory.kinds import WEIGHTINGS
 from d2l_memory.scoring import normalize
 from d2l_memory.training.data import fact_sample
 

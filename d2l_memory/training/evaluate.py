@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from d2l_memory.compose import DEFAULT_WEIGHTING, RELEVANCE_TEMPERATURE, WEIGHTINGS, member_weight, relevance_weights
+from d2l_memory.compose import DEFAULT_WEIGHTING
 from d2l_memory.d2l import DocToLoRA
-from d2l_memory.embedder import Embedder
 from d2l_memory.functional import lora_applied
+from d2l_memory.kinds import WEIGHTINGS
 from d2l_memory.lora import LoRA
 from d2l_memory.scoring import contains, echoes, token_f1
 from d2l_memory.training import conversations
@@ -55,6 +55,7 @@ from d2l_memory.training.data import (
     squad_samples,
 )
 from d2l_memory.training.teacher import greedy, prompt_ids
+from d2l_memory.training.train import member_weights
 
 EVAL_SEED = 10_007  # disjoint from every training seed
 # Held-out QA sets (never read by training): task -> (file under shared/data, reader)
@@ -129,9 +130,8 @@ def evaluate_samples(d2l: DocToLoRA, samples: Sequence[Sample], metric: str, sys
 def composed_eval(d2l: DocToLoRA, n: int, ks: Sequence[int] = (1, 2, 4), composition: str = DEFAULT_WEIGHTING,
                   seed: int = EVAL_SEED, items: Items | None = None) -> dict[str, float]:
     """Accuracy on a fact of one person's first note when it is composed with k-1 other notes about the same
-    person (held-out phrasings and values), each note its own memory weighted by `member_weight`, or for
-    `relevance` by `relevance_weights` of the MiniLM cosine between the question and each whole note (the
-    product scores a memory by its best-matching part, `D2LMemory.recall`)."""
+    person (held-out phrasings and values), each note its own memory weighted as `D2LMemory.prepare` would
+    weigh it (`train.member_weights`: for `relevance`, by its recall score for the question)."""
     rng = random.Random(seed)
     results: dict[str, float] = {}
     people = []
@@ -143,17 +143,9 @@ def composed_eval(d2l: DocToLoRA, n: int, ks: Sequence[int] = (1, 2, 4), composi
         question = rng.choice(conversations.phrasings(fact.attribute.ask_about, "eval")).format(n=person)
         people.append((notes, question, fact.value))
     adapters = [d2l.internalize_batch(notes) for notes, _, _ in people]
-    embedder = Embedder()
-    vectors = [embedder.embed([question, *notes[: max(ks)]]) for notes, question, _ in people]
-    cosines = [[float(v @ vs[0]) for v in vs[1:]] for vs in vectors]
-
-    def weights(i: int, k: int) -> list[float]:
-        if composition == "relevance":
-            return relevance_weights(cosines[i][:k], RELEVANCE_TEMPERATURE)
-        return [member_weight(composition, k)] * k
-
     for k in ks:
-        rows = [LoRA.concat(loras[:k], weights(i, k)) for i, loras in enumerate(adapters)]
+        rows = [LoRA.concat(loras[:k], member_weights(composition, notes[:k], question))
+                for loras, (notes, question, _) in zip(adapters, people, strict=True)]
         questions = [q for _, q, _ in people]
         answers = answer(d2l, questions, [None] * n, rows)
         icl = answer(d2l, questions, [" ".join(notes[:k]) for notes, _, _ in people], [None] * n)
@@ -277,11 +269,11 @@ def run_eval(d2l: DocToLoRA, n: int = 40, needle_lengths: Sequence[int] = (512, 
     return report
 
 
-def write_report(path: Path, report: dict[str, dict], items: Items, composition: str = DEFAULT_WEIGHTING) -> None:
+def write_report(path: Path, report: dict[str, dict], items: Items, composition: str | None = None) -> None:
     """The report as JSON, with the per-question scores under `"items"` and the weighting the composed and
-    conversation tasks used under `"composition"` (what `training/compare.py` reads)."""
+    conversation tasks used under `"composition"` (None: the default; what `training/compare.py` reads)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**report, "composition": composition, "items": items}, indent=1))
+    path.write_text(json.dumps({**report, "composition": composition or DEFAULT_WEIGHTING, "items": items}, indent=1))
 
 
 def main() -> None:
@@ -302,7 +294,7 @@ def main() -> None:
                       args.composition)
     print(json.dumps(report, indent=1))
     if args.out:
-        write_report(args.out, report, items, args.composition or DEFAULT_WEIGHTING)
+        write_report(args.out, report, items, args.composition)
 
 
 if __name__ == "__main__":

@@ -37,12 +37,13 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from d2l_memory.chunking import chunk_document
-from d2l_memory.compose import DEFAULT_WEIGHTING, RELEVANCE_TEMPERATURE, Weighting, member_weight, relevance_weights
+from d2l_memory.compose import DEFAULT_WEIGHTING, RELEVANCE_TEMPERATURE, member_weight, relevance_weights
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.embedder import Embedder
 from d2l_memory.functional import applied
 from d2l_memory.home import sha256_file
 from d2l_memory.hypernet import HypernetConfig
+from d2l_memory.kinds import Weighting
 from d2l_memory.models import load_model
 from d2l_memory.scoring import contains
 from d2l_memory.store.store import relevance_scores
