@@ -63,9 +63,10 @@ GPU_DIR = "${D2L_BURST_DIR:-/tmp/d2l-burst}"
 PIECES = "pieces.json"
 WHEELS = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions")
 THERE = ("torch", "transformers", "safetensors", "tqdm")  # what the GPU side needs of the image
-# Throughput settings for a GPU; `--set` overrides them. Hyperparameters stay TrainConfig's.
+# Throughput settings for a GPU, and `mean` composition (the GPU image has neither LanceDB nor MiniLM to score
+# memories by relevance); `--set` overrides them. Other hyperparameters stay TrainConfig's.
 GPU_DEFAULTS = ("batch_size=32", "pass_tokens=65536", "eval_every=100", "eval_examples=48", "checkpoint_minutes=3",
-                "threads=4")
+                "threads=4", "composition=mean")
 
 
 class BurstConfig(BaseModel):

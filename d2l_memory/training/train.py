@@ -46,7 +46,6 @@ from d2l_memory.hypernet import HypernetConfig
 from d2l_memory.kinds import Weighting
 from d2l_memory.models import load_model
 from d2l_memory.scoring import contains
-from d2l_memory.store.store import relevance_scores
 from d2l_memory.training.objective import (
     key_alignment_loss,
     l1_penalty,
@@ -149,6 +148,9 @@ def member_weights(composition: str, texts: Sequence[str], question: str | None)
         return [1.0]
     if question is None:
         raise ValueError("composition 'relevance' weighs memories by their score for a question: give one")
+    # Imported here: the store needs LanceDB, which a GPU burst's image lacks (it trains with `mean`).
+    from d2l_memory.store.store import relevance_scores
+
     return relevance_weights(relevance_scores(_embedder(), question, texts), RELEVANCE_TEMPERATURE)
 
 
