@@ -48,13 +48,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from d2l_memory.errors import MemoryNotFoundError, call_all
 from d2l_memory.home import home, sha256_file
-from d2l_memory.kinds import Weighting
+from d2l_memory.kinds import WEIGHTINGS, Weighting
 from d2l_memory.lora import CONFIG_FILE, WEIGHTS_FILE, LoRA
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTING: Weighting = "relevance"
-RELEVANCE_TEMPERATURE = 0.1  # `relevance_weights`' default, over MiniLM cosines
+RELEVANCE_TEMPERATURE = 0.1  # `member_weights`' default for `relevance`, over MiniLM cosines
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DEFAULT_RANK_BUDGET = 64
 DEFAULT_MAX_BYTES = 2 << 30
@@ -91,35 +91,28 @@ def vllm_rank(rank: int) -> int:
     raise ValueError(f"rank {rank} exceeds vLLM's largest LoRA rank {VLLM_RANKS[-1]}")
 
 
-def member_weight(composition: str, n_members: int) -> float:
-    """The weight of each of `n_members` recalled memories: `mean` gives 1/n (n memories move the model as
-    far as one), `sum` gives 1 (the paper's plain concatenation). Serving and meta-training both use it.
-
-    Raises:
-        ValueError: an unknown composition or no members.
-    """
-    if n_members < 1:
-        raise ValueError(f"a composition needs at least one member, got {n_members}")
-    if composition == "sum":
-        return 1.0
-    if composition == "mean":
-        return 1.0 / n_members
-    raise ValueError(f"unknown composition {composition!r}; expected 'sum' or 'mean'")
-
-
-def relevance_weights(scores: Sequence[float], temperature: float) -> list[float]:
-    """The weights of recalled memories by their similarity to the query: `w_i = softmax(scores / temperature)_i`,
-    rounded to two decimals, so that the weights sum to about 1 (k memories move the model about as far as one,
-    as with `mean`) while the best-matching memory keeps most of that move.
+def member_weights(composition: str, scores: Sequence[float], temperature: float = RELEVANCE_TEMPERATURE
+                   ) -> list[float]:
+    """The weights of k recalled memories whose recall scores are `scores`, one definition for serving and
+    meta-training: `sum` gives 1 each (the paper's plain concatenation), `mean` 1/k each (k memories move the
+    model as far as one), and `relevance` `w_i = softmax(scores / temperature)_i`, rounded to two decimals:
+    the weights sum to about 1, as with `mean`, while the best-matching memory keeps most of that move
+    (`sum` and `mean` read only how many scores there are).
 
     Rounding lets queries that score the same memories alike share one cached composition; a member whose weight
     rounds to 0 is given 0 and should be left out (`compose` keeps it at no effect but its rank).
 
     Raises:
-        ValueError: no scores, or a temperature that is not positive.
+        ValueError: an unknown composition, no members, or a temperature that is not positive.
     """
     if not scores:
         raise ValueError("a composition needs at least one member, got 0")
+    if composition == "sum":
+        return [1.0] * len(scores)
+    if composition == "mean":
+        return [1.0 / len(scores)] * len(scores)
+    if composition != "relevance":
+        raise ValueError(f"unknown composition {composition!r}; expected one of {WEIGHTINGS}")
     if not temperature > 0:
         raise ValueError(f"the relevance temperature must be positive, got {temperature}")
     logits = [s / temperature for s in scores]

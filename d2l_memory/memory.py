@@ -31,8 +31,7 @@ from d2l_memory.compose import (
     ComposedCache,
     Recipe,
     cache_root_for,
-    member_weight,
-    relevance_weights,
+    member_weights,
 )
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.engines import Adapter, Engine, EngineKind, GenerationParams, Message, make_engine
@@ -80,7 +79,7 @@ class MemoryConfig(BaseModel):
                              "max_lora_rank must hold it)")
     composition: Weighting = Field(
         DEFAULT_WEIGHTING, description="how recalled memories' adapters combine: `relevance` (weights summing to "
-        "1, shared by the recall scores: `compose.relevance_weights`), `mean` (weight 1/k each: k memories move "
+        "1, shared by the recall scores: `compose.member_weights`), `mean` (weight 1/k each: k memories move "
         "the model as far as one) or `sum` (weight 1 each, the paper's concatenation); measured side by side "
         "in docs/benchmarks.md")
     relevance_temperature: float = Field(
@@ -437,11 +436,9 @@ class D2LMemory:
         return [*map(dict, history), {"role": "user", "content": content}], adapter
 
     def _weighted(self, hits: Sequence[MemoryRecord]) -> tuple[tuple[str, float], ...]:
-        if self.config.composition == "relevance":
-            weights = relevance_weights([h.score or 0.0 for h in hits], self.config.relevance_temperature)
-            return tuple((h.id, w) for h, w in zip(hits, weights, strict=True) if w > 0)
-        weight = member_weight(self.config.composition, len(hits))
-        return tuple((h.id, weight) for h in hits)
+        weights = member_weights(self.config.composition, [h.score or 0.0 for h in hits],
+                                 self.config.relevance_temperature)
+        return tuple((h.id, w) for h, w in zip(hits, weights, strict=True) if w > 0)
 
     def _publish(self, recipe: Recipe) -> None:
         # Recorded in the store so that a server replica with a cache of its own (no shared folder) builds

@@ -14,7 +14,7 @@ from d2l_memory.compose import (
     Recipe,
     check_name,
     compose,
-    relevance_weights,
+    member_weights,
     vllm_rank,
 )
 from d2l_memory.errors import AdapterError
@@ -63,15 +63,15 @@ def test_concat_is_the_weighted_sum_of_deltas() -> None:
 
 def test_relevance_weights_sum_to_one_and_favour_the_best_match() -> None:
     scores = [0.7, 0.55, 0.5, 0.3]
-    weights = relevance_weights(scores, temperature=0.1)
+    weights = member_weights("relevance", scores, temperature=0.1)
     assert weights == sorted(weights, reverse=True) and abs(sum(weights) - 1) <= 0.02
     assert weights[0] > 0.5 and weights[-1] < 0.02
-    assert relevance_weights(scores, temperature=100.0) == [0.25] * 4  # a flat softmax is the mean
-    assert relevance_weights([0.4], temperature=0.1) == [1.0]
+    assert member_weights("relevance", scores, temperature=100.0) == [0.25] * 4  # a flat softmax is the mean
+    assert member_weights("relevance", [0.4], temperature=0.1) == [1.0]
     with pytest.raises(ValueError, match="at least one member"):
-        relevance_weights([], temperature=0.1)
+        member_weights("relevance", [], temperature=0.1)
     with pytest.raises(ValueError, match="temperature must be positive"):
-        relevance_weights(scores, temperature=0.0)
+        member_weights("relevance", scores, temperature=0.0)
 
 
 def test_truncation_error_is_the_dropped_singular_values() -> None:

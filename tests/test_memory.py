@@ -12,7 +12,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 
 from d2l_memory import D2LMemory, D2LMemoryError, MemoryRecord
-from d2l_memory.compose import relevance_weights
+from d2l_memory.compose import member_weights
 from d2l_memory.engines import GenerationParams
 from d2l_memory.transcripts import render_tool_output
 
@@ -155,7 +155,7 @@ def test_compositions_weight_memories_by_relevance_one_over_k_or_one(mem):
     mem.forget(user_id="gus")
     assert [w for _, w in composed["mean"].recipe.members] == [0.5, 0.5]
     assert [w for _, w in composed["sum"].recipe.members] == [1.0, 1.0]
-    by_score = dict(zip([h.id for h in hits], relevance_weights([h.score for h in hits], 0.1), strict=True))
+    by_score = dict(zip([h.id for h in hits], member_weights("relevance", [h.score for h in hits], 0.1), strict=True))
     assert dict(composed["relevance"].recipe.members) == by_score and len(by_score) == 2
     assert max(by_score, key=by_score.get) == hits[0].id and abs(sum(by_score.values()) - 1) <= 0.01
     assert len({c.name for c in composed.values()}) == 3  # each weighting is its own cached adapter

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from d2l_memory.compose import member_weight
+from d2l_memory.compose import member_weights
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.encoder import ContextFeatures
 from d2l_memory.hypernet import HyperLoRA, HypernetConfig
@@ -411,7 +411,7 @@ def test_training_composes_memories_exactly_as_serving_does(base):
     d2l.hypernet.eval()
     with torch.no_grad():
         factors, _, _ = batch_factors(d2l, [memories, memories[:1]], [1, 1], composition="mean")
-        served = LoRA.concat([d2l.internalize(m) for m in memories], [member_weight("mean", 3)] * 3)
+        served = LoRA.concat([d2l.internalize(m) for m in memories], member_weights("mean", [0.0] * 3))
         alone = d2l.internalize(memories[0])
     for name, (a, b) in factors.items():
         trained = d2l.config.scale * (b[0].double() @ a[0].double())

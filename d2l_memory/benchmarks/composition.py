@@ -6,7 +6,7 @@ Each user absorbs `memories` synthetic fact documents about different people (th
 generator, `training.data.fact_sample`, with a seed no training or evaluation run uses) and is asked
 about the first. `D2LMemory.chat(mode="adapter")` answers with the recalled memories that pass the
 relevance gate composed as their `sum` (weight 1 each), their `mean` (weight 1/k each) and weighted by
-their recall scores (`relevance`: `compose.relevance_weights`), the three `MemoryConfig.composition`s side
+their recall scores (`relevance`: `compose.member_weights`), the three `MemoryConfig.composition`s side
 by side in one run; the references are the same question for a user
 holding only that one document (`alone`: no composition) and the base model (`none`). Accuracy: the
 normalised gold answer appears in the answer. `--rank-budget` sets `MemoryConfig.rank_budget`: recalled

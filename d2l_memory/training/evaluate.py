@@ -55,7 +55,7 @@ from d2l_memory.training.data import (
     squad_samples,
 )
 from d2l_memory.training.teacher import greedy, prompt_ids
-from d2l_memory.training.train import member_weights
+from d2l_memory.training.train import text_weights
 
 EVAL_SEED = 10_007  # disjoint from every training seed
 # Held-out QA sets (never read by training): task -> (file under shared/data, reader)
@@ -131,7 +131,7 @@ def composed_eval(d2l: DocToLoRA, n: int, ks: Sequence[int] = (1, 2, 4), composi
                   seed: int = EVAL_SEED, items: Items | None = None) -> dict[str, float]:
     """Accuracy on a fact of one person's first note when it is composed with k-1 other notes about the same
     person (held-out phrasings and values), each note its own memory weighted as `D2LMemory.prepare` would
-    weigh it (`train.member_weights`: for `relevance`, by its recall score for the question)."""
+    weigh it (`train.text_weights`: for `relevance`, by its recall score for the question)."""
     rng = random.Random(seed)
     results: dict[str, float] = {}
     people = []
@@ -144,7 +144,7 @@ def composed_eval(d2l: DocToLoRA, n: int, ks: Sequence[int] = (1, 2, 4), composi
         people.append((notes, question, fact.value))
     adapters = [d2l.internalize_batch(notes) for notes, _, _ in people]
     for k in ks:
-        rows = [LoRA.concat(loras[:k], member_weights(composition, notes[:k], question))
+        rows = [LoRA.concat(loras[:k], text_weights(composition, notes[:k], question))
                 for loras, (notes, question, _) in zip(adapters, people, strict=True)]
         questions = [q for _, q, _ in people]
         answers = answer(d2l, questions, [None] * n, rows)

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from d2l_memory.chunking import chunk_document
-from d2l_memory.compose import DEFAULT_WEIGHTING, RELEVANCE_TEMPERATURE, member_weight, relevance_weights
+from d2l_memory.compose import DEFAULT_WEIGHTING, member_weights
 from d2l_memory.d2l import DocToLoRA
 from d2l_memory.embedder import Embedder
 from d2l_memory.functional import applied
@@ -134,24 +134,21 @@ def _embedder() -> Embedder:
     return Embedder()
 
 
-def member_weights(composition: str, texts: Sequence[str], question: str | None) -> list[float]:
-    """The weights `D2LMemory.prepare` gives memories of these texts recalled for `question`:
-    `compose.relevance_weights` of their recall scores (`store.relevance_scores`) for `relevance`, else
-    `compose.member_weight` each.
+def text_weights(composition: str, texts: Sequence[str], question: str | None) -> list[float]:
+    """The weights `D2LMemory.prepare` gives memories of these texts recalled for `question`
+    (`compose.member_weights`; for `relevance` of their recall scores, `store.relevance_scores`).
 
     Raises:
-        ValueError: `relevance` without a question, or what `member_weight` raises.
+        ValueError: `relevance` over several texts without a question, or what `member_weights` raises.
     """
-    if composition != "relevance":
-        return [member_weight(composition, len(texts))] * len(texts)
-    if len(texts) == 1:
-        return [1.0]
+    if composition != "relevance" or len(texts) == 1:
+        return member_weights(composition, [0.0] * len(texts))  # only relevance reads scores, and one text gets 1
     if question is None:
         raise ValueError("composition 'relevance' weighs memories by their score for a question: give one")
     # Imported here: the store needs LanceDB, which a GPU burst's image lacks (it trains with `mean`).
     from d2l_memory.store.store import relevance_scores
 
-    return relevance_weights(relevance_scores(_embedder(), question, texts), RELEVANCE_TEMPERATURE)
+    return member_weights(composition, relevance_scores(_embedder(), question, texts))
 
 
 def batch_factors(d2l: DocToLoRA, rows: list[list[str]], n_chunks: list[int], min_chunk_tokens: int = 1,
@@ -160,7 +157,7 @@ def batch_factors(d2l: DocToLoRA, rows: list[list[str]], n_chunks: list[int], mi
     """Per-row factors `{module: (A [B, R, d_in], B [B, d_out, R])}` for `rows`, with gradients.
 
     Row i composes the memories `rows[i]` the way `D2LMemory.prepare` composes recalled ones (weighted by
-    `member_weights(composition, rows[i], questions[i])`, the bias slot once) through the
+    `text_weights(composition, rows[i], questions[i])`, the bias slot once) through the
     assembly serving uses (`DocToLoRA.assemble`). A row of one memory is cut into `n_chunks[i]` equal
     chunks (fewer where a chunk would hold less than `min_chunk_tokens` tokens), as stage 2 trains long
     documents; several memories keep the chunks `internalize` would give each.
@@ -169,7 +166,7 @@ def batch_factors(d2l: DocToLoRA, rows: list[list[str]], n_chunks: list[int], mi
     flat: list[list[int]] = []
     groups: list[list[tuple[int, float]]] = []
     for i, (texts, k) in enumerate(zip(rows, n_chunks, strict=True)):
-        weights = member_weights(composition, texts, None if questions is None else questions[i])
+        weights = text_weights(composition, texts, None if questions is None else questions[i])
         group = []
         for text, weight in zip(texts, weights, strict=True):
             size = c.chunk_tokens
